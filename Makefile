@@ -1,0 +1,55 @@
+# One entry point for every chore; CI calls the same targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp is newer than pyproject.toml only when the venv holds what it asks for.
+STAMP := $(VENV)/.installed
+GENERATED := libs/audience/v1 libs/audience/bus/v1
+
+.PHONY: venv protos check-protos lint typecheck buf-lint test test-unit run bench faults fmt clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+protos: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m audience.tools.genprotos
+
+check-protos: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m audience.tools.genprotos --check
+
+buf-lint: $(STAMP)
+	cd protos && ../$(BIN)/buf lint
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck buf-lint check-protos
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+run: $(STAMP)
+	$(BIN)/audience up $(RUN_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+faults: $(STAMP)
+	$(BIN)/pytest tests/faults --faults-long $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Audience: real-time audience segments as a suite of async gRPC services."""

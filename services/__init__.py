@@ -1,0 +1,1 @@
+"""The Audience services; each subpackage runs alone as ``python -m services.<name>``."""

@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 protos: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m audience.tools.genprotos
+	scripts/protos.sh
 
 check-protos: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m audience.tools.genprotos --check
+	scripts/protos.sh --check
 
 buf-lint: $(STAMP)
 	cd protos && ../$(BIN)/buf lint

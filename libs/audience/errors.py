@@ -1,0 +1,421 @@
+"""The one error helper: rich ``google.rpc.Status`` errors, raised by domain code.
+
+Domain code raises :class:`AudienceError` (through the constructors below) and knows
+nothing of gRPC; :class:`ErrorInterceptor` turns it into a status with one ``ErrorInfo``
+(domain ``audience.dev``), a ``BadRequest`` for bad fields, a ``RetryInfo`` when retrying
+later helps and a ``ResourceInfo`` for a missing or clashing resource. Clients read all of
+it back with :func:`decode`.
+
+Handlers are ``async def`` functions, or ``async def`` generators for streamed responses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, NoReturn
+
+import google.rpc.error_details_pb2 as error_details_pb2
+import google.rpc.status_pb2 as status_pb2
+import grpc
+import grpc.aio
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from grpc_status import rpc_status
+
+__all__ = [
+    "DOMAIN",
+    "AudienceError",
+    "DecodedError",
+    "ErrorInterceptor",
+    "FieldViolation",
+    "aborted",
+    "already_exists",
+    "decode",
+    "failed_precondition",
+    "internal",
+    "invalid_argument",
+    "not_found",
+    "out_of_range",
+    "permission_denied",
+    "resource_exhausted",
+    "unauthenticated",
+    "unavailable",
+    "wrap_handler",
+]
+
+DOMAIN = "audience.dev"
+
+_log = logging.getLogger(__name__)
+
+# AIP-193: at most 63 characters of [A-Z0-9_], starting with a letter, not ending with "_".
+_REASON = re.compile(r"[A-Z][A-Z0-9_]{0,61}[A-Z0-9]")
+_INTERNAL_MESSAGE = "Internal error."
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: a path such as ``events[3].properties.color`` and what is wrong."""
+
+    field: str
+    description: str
+
+
+class AudienceError(Exception):
+    """An error that reaches the client as a rich status.
+
+    Build one with the constructors of this module (``invalid_argument``, ``not_found``, …),
+    which fill the code and the details each code calls for.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        violations: tuple[FieldViolation, ...] = (),
+        retry_delay: timedelta | None = None,
+        resource_type: str | None = None,
+        resource_name: str | None = None,
+    ) -> None:
+        if code == grpc.StatusCode.OK:
+            raise ValueError("an error cannot have status OK")
+        if not _REASON.fullmatch(reason):
+            raise ValueError(f"reason must be UPPER_SNAKE_CASE, got {reason!r}")
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.violations = violations
+        self.retry_delay = retry_delay
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+
+    def __repr__(self) -> str:
+        return f"AudienceError({self.code.name}, {self.reason!r}, {self.message!r})"
+
+    def to_status(self) -> status_pb2.Status:
+        """Returns the ``google.rpc.Status`` sent to the client."""
+        details: list[Message] = [
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        ]
+        if self.violations:
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in self.violations
+                    ]
+                )
+            )
+        if self.retry_delay is not None:
+            delay = duration_pb2.Duration()
+            delay.FromTimedelta(self.retry_delay)
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        if self.resource_type is not None:
+            details.append(
+                error_details_pb2.ResourceInfo(
+                    resource_type=self.resource_type,
+                    resource_name=self.resource_name or "",
+                    description=self.message,
+                )
+            )
+        packed = []
+        for detail in details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+
+
+def invalid_argument(
+    message: str,
+    *violations: FieldViolation,
+    reason: str = "INVALID_ARGUMENT",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(
+        grpc.StatusCode.INVALID_ARGUMENT, reason, message, metadata=metadata, violations=violations
+    )
+
+
+def not_found(
+    resource_type: str,
+    name: str,
+    *,
+    message: str | None = None,
+    reason: str = "NOT_FOUND",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    """A resource does not exist; ``resource_type`` is e.g. ``audience.dev/Segment``."""
+    return AudienceError(
+        grpc.StatusCode.NOT_FOUND,
+        reason,
+        message or f"{resource_type} {name!r} not found.",
+        metadata={"resource_type": resource_type, "resource_name": name, **(metadata or {})},
+        resource_type=resource_type,
+        resource_name=name,
+    )
+
+
+def already_exists(
+    resource_type: str,
+    name: str,
+    *,
+    message: str | None = None,
+    reason: str = "ALREADY_EXISTS",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        reason,
+        message or f"{resource_type} {name!r} already exists.",
+        metadata={"resource_type": resource_type, "resource_name": name, **(metadata or {})},
+        resource_type=resource_type,
+        resource_name=name,
+    )
+
+
+def aborted(
+    message: str, *, reason: str = "ABORTED", metadata: Mapping[str, str] | None = None
+) -> AudienceError:
+    """A concurrent change won, e.g. a stale ``etag``; the client re-reads and retries."""
+    return AudienceError(grpc.StatusCode.ABORTED, reason, message, metadata=metadata)
+
+
+def failed_precondition(
+    message: str,
+    *violations: FieldViolation,
+    reason: str = "FAILED_PRECONDITION",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        reason,
+        message,
+        metadata=metadata,
+        violations=violations,
+    )
+
+
+def out_of_range(
+    message: str,
+    *violations: FieldViolation,
+    reason: str = "OUT_OF_RANGE",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(
+        grpc.StatusCode.OUT_OF_RANGE, reason, message, metadata=metadata, violations=violations
+    )
+
+
+def resource_exhausted(
+    message: str,
+    retry_after: timedelta | None = None,
+    *,
+    reason: str = "RESOURCE_EXHAUSTED",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        reason,
+        message,
+        metadata=metadata,
+        retry_delay=retry_after,
+    )
+
+
+def permission_denied(
+    message: str,
+    *,
+    reason: str = "PERMISSION_DENIED",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(grpc.StatusCode.PERMISSION_DENIED, reason, message, metadata=metadata)
+
+
+def unauthenticated(
+    message: str, *, reason: str = "UNAUTHENTICATED", metadata: Mapping[str, str] | None = None
+) -> AudienceError:
+    return AudienceError(grpc.StatusCode.UNAUTHENTICATED, reason, message, metadata=metadata)
+
+
+def unavailable(
+    message: str,
+    retry_after: timedelta | None = None,
+    *,
+    reason: str = "UNAVAILABLE",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(
+        grpc.StatusCode.UNAVAILABLE, reason, message, metadata=metadata, retry_delay=retry_after
+    )
+
+
+def internal(
+    message: str = _INTERNAL_MESSAGE,
+    *,
+    reason: str = "INTERNAL",
+    metadata: Mapping[str, str] | None = None,
+) -> AudienceError:
+    return AudienceError(grpc.StatusCode.INTERNAL, reason, message, metadata=metadata)
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> NoReturn:
+    grpc_status = rpc_status.to_status(status)
+    # context.abort rather than abort_with_status: the tracing interceptor wraps the context
+    # and records the span's status only in abort; abort_with_status bypasses the wrapper.
+    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    raise AssertionError("context.abort returned")
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, method: str, error: Exception) -> NoReturn:
+    if isinstance(error, AudienceError):
+        await _abort(context, error.to_status())
+    # The client sees a fixed message: exception text may hold data or internals.
+    _log.error("Unhandled exception in %s", method, exc_info=error)
+    await _abort(context, internal().to_status())
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+def _guard(behavior: Behavior, method: str) -> Behavior:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def guarded_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await _abort_for(context, method, error)
+
+        return guarded_stream
+
+    if inspect.iscoroutinefunction(behavior):
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await _abort_for(context, method, error)
+
+        return guarded
+
+    # A plain function runs in grpc's thread pool, where the aio context cannot abort.
+    return behavior
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behavior], Behavior]
+) -> grpc.RpcMethodHandler | None:
+    """Returns ``handler`` with its behaviour replaced by ``wrap(behaviour)``.
+
+    For server interceptors that act around a call (this one, and authentication).
+    """
+    if handler is None:
+        return None
+    if handler.request_streaming and handler.response_streaming:
+        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    return factory(
+        wrap(behavior),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns :class:`AudienceError` into its rich status, and anything else into INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        return wrap_handler(handler, lambda behavior: _guard(behavior, method))
+
+
+@dataclass(frozen=True)
+class DecodedError:
+    """What a client learns from a failed call."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    """The ``ErrorInfo`` reason; empty when the status came from gRPC itself (a deadline,
+    a message too large) rather than from a service."""
+    domain: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    violations: tuple[FieldViolation, ...] = ()
+    retry_delay: timedelta | None = None
+    resource_type: str | None = None
+    resource_name: str | None = None
+
+
+def decode(error: grpc.RpcError) -> DecodedError:
+    """Reads the rich status of a failed call (``grpc.aio.AioRpcError`` or a sync error)."""
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or ""
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(error)
+    except ValueError:
+        # The details disagree with the call's own status (a proxy rewrote it): trust the call.
+        status = None
+    if status is None:
+        return DecodedError(code=code, message=message, reason="", domain="")
+    reason = domain = ""
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    retry_delay: timedelta | None = None
+    resource_type: str | None = None
+    resource_name: str | None = None
+    for detail in status.details:
+        kind = detail.TypeName()
+        if kind == error_details_pb2.ErrorInfo.DESCRIPTOR.full_name:
+            info = error_details_pb2.ErrorInfo.FromString(detail.value)
+            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+        elif kind == error_details_pb2.BadRequest.DESCRIPTOR.full_name:
+            bad_request = error_details_pb2.BadRequest.FromString(detail.value)
+            violations.extend(
+                FieldViolation(v.field, v.description) for v in bad_request.field_violations
+            )
+        elif kind == error_details_pb2.RetryInfo.DESCRIPTOR.full_name:
+            retry = error_details_pb2.RetryInfo.FromString(detail.value)
+            retry_delay = retry.retry_delay.ToTimedelta()
+        elif kind == error_details_pb2.ResourceInfo.DESCRIPTOR.full_name:
+            resource = error_details_pb2.ResourceInfo.FromString(detail.value)
+            resource_type, resource_name = resource.resource_type, resource.resource_name
+    return DecodedError(
+        code=code,
+        message=message,
+        reason=reason,
+        domain=domain,
+        metadata=metadata,
+        violations=tuple(violations),
+        retry_delay=retry_delay,
+        resource_type=resource_type,
+        resource_name=resource_name,
+    )

@@ -1,0 +1,312 @@
+"""The error helper over a real grpc.aio server: what the domain raises is what clients read."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from audience import errors
+from audience.errors import AudienceError, DecodedError, FieldViolation
+
+SERVICE = "audience.test.Errors"
+
+CASES: dict[str, Callable[[], AudienceError]] = {
+    "invalid_argument": lambda: errors.invalid_argument(
+        "2 events are invalid.",
+        FieldViolation("events[3].properties.color", "must be a string"),
+        FieldViolation("segment.rule.all.conditions[2].value", "must be a number"),
+        reason="EVENT_INVALID",
+        metadata={"dataset": "shop"},
+    ),
+    "not_found": lambda: errors.not_found("audience.dev/Segment", "datasets/shop/segments/cart"),
+    "already_exists": lambda: errors.already_exists(
+        "audience.dev/Segment", "datasets/shop/segments/cart", reason="SEGMENT_EXISTS"
+    ),
+    "aborted": lambda: errors.aborted(
+        "The segment changed since it was read.", reason="ETAG_MISMATCH"
+    ),
+    "failed_precondition": lambda: errors.failed_precondition(
+        "The segment is being backfilled.", reason="BACKFILL_RUNNING"
+    ),
+    "out_of_range": lambda: errors.out_of_range(
+        "The resume token is older than retention.", reason="RESUME_TOKEN_EXPIRED"
+    ),
+    "resource_exhausted": lambda: errors.resource_exhausted(
+        "Too many events in flight.", timedelta(milliseconds=1500), reason="INGEST_BACKPRESSURE"
+    ),
+    "permission_denied": lambda: errors.permission_denied("The key cannot read dataset shop."),
+    "unauthenticated": lambda: errors.unauthenticated("No API key.", reason="API_KEY_MISSING"),
+    "unavailable": lambda: errors.unavailable("The bus is down.", timedelta(seconds=2)),
+    "internal": lambda: errors.internal(),
+}
+
+EXPECTED: dict[str, DecodedError] = {
+    "invalid_argument": DecodedError(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message="2 events are invalid.",
+        reason="EVENT_INVALID",
+        domain="audience.dev",
+        metadata={"dataset": "shop"},
+        violations=(
+            FieldViolation("events[3].properties.color", "must be a string"),
+            FieldViolation("segment.rule.all.conditions[2].value", "must be a number"),
+        ),
+    ),
+    "not_found": DecodedError(
+        code=grpc.StatusCode.NOT_FOUND,
+        message="audience.dev/Segment 'datasets/shop/segments/cart' not found.",
+        reason="NOT_FOUND",
+        domain="audience.dev",
+        metadata={
+            "resource_type": "audience.dev/Segment",
+            "resource_name": "datasets/shop/segments/cart",
+        },
+        resource_type="audience.dev/Segment",
+        resource_name="datasets/shop/segments/cart",
+    ),
+    "already_exists": DecodedError(
+        code=grpc.StatusCode.ALREADY_EXISTS,
+        message="audience.dev/Segment 'datasets/shop/segments/cart' already exists.",
+        reason="SEGMENT_EXISTS",
+        domain="audience.dev",
+        metadata={
+            "resource_type": "audience.dev/Segment",
+            "resource_name": "datasets/shop/segments/cart",
+        },
+        resource_type="audience.dev/Segment",
+        resource_name="datasets/shop/segments/cart",
+    ),
+    "aborted": DecodedError(
+        code=grpc.StatusCode.ABORTED,
+        message="The segment changed since it was read.",
+        reason="ETAG_MISMATCH",
+        domain="audience.dev",
+    ),
+    "failed_precondition": DecodedError(
+        code=grpc.StatusCode.FAILED_PRECONDITION,
+        message="The segment is being backfilled.",
+        reason="BACKFILL_RUNNING",
+        domain="audience.dev",
+    ),
+    "out_of_range": DecodedError(
+        code=grpc.StatusCode.OUT_OF_RANGE,
+        message="The resume token is older than retention.",
+        reason="RESUME_TOKEN_EXPIRED",
+        domain="audience.dev",
+    ),
+    "resource_exhausted": DecodedError(
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message="Too many events in flight.",
+        reason="INGEST_BACKPRESSURE",
+        domain="audience.dev",
+        retry_delay=timedelta(milliseconds=1500),
+    ),
+    "permission_denied": DecodedError(
+        code=grpc.StatusCode.PERMISSION_DENIED,
+        message="The key cannot read dataset shop.",
+        reason="PERMISSION_DENIED",
+        domain="audience.dev",
+    ),
+    "unauthenticated": DecodedError(
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        message="No API key.",
+        reason="API_KEY_MISSING",
+        domain="audience.dev",
+    ),
+    "unavailable": DecodedError(
+        code=grpc.StatusCode.UNAVAILABLE,
+        message="The bus is down.",
+        reason="UNAVAILABLE",
+        domain="audience.dev",
+        retry_delay=timedelta(seconds=2),
+    ),
+    "internal": DecodedError(
+        code=grpc.StatusCode.INTERNAL,
+        message="Internal error.",
+        reason="INTERNAL",
+        domain="audience.dev",
+    ),
+}
+
+
+def _fail(case: bytes) -> Exception:
+    name = case.decode()
+    if name == "unexpected":
+        return KeyError("secret-table-name")
+    return CASES[name]()
+
+
+async def _unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise _fail(request)
+
+
+async def _server_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    yield b"first"
+    raise _fail(request)
+
+
+async def _client_stream(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> bytes:
+    received = [request async for request in requests]
+    raise _fail(received[-1])
+
+
+async def _bidi_stream(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield b"echo"
+        raise _fail(request)
+
+
+async def _aborts_itself(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    await context.abort(grpc.StatusCode.CANCELLED, "Handler aborted.")
+    raise AssertionError("unreachable")
+
+
+async def _registered(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise errors.not_found("audience.dev/Profile", "datasets/shop/profiles/u1")
+
+
+async def _ok(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+@pytest.fixture(scope="module")
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    server = grpc.aio.server(interceptors=[errors.ErrorInterceptor()])
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+                    "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream),
+                    "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream),
+                    "BidiStream": grpc.stream_stream_rpc_method_handler(_bidi_stream),
+                    "AbortsItself": grpc.unary_unary_rpc_method_handler(_aborts_itself),
+                    "Ok": grpc.unary_unary_rpc_method_handler(_ok),
+                },
+            ),
+        )
+    )
+    server.add_registered_method_handlers(
+        "audience.test.Registered", {"Get": grpc.unary_unary_rpc_method_handler(_registered)}
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
+    await server.stop(None)
+
+
+async def _unary_error(channel: grpc.aio.Channel, method: str, request: bytes) -> DecodedError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(method)(request, timeout=10)
+    return errors.decode(caught.value)
+
+
+async def _collect(call: Any, into: list[bytes]) -> None:
+    async for message in call:
+        into.append(message)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_each_status_reaches_the_client_with_its_details(
+    channel: grpc.aio.Channel, case: str
+) -> None:
+    decoded = await _unary_error(channel, f"/{SERVICE}/Unary", case.encode())
+
+    assert decoded == EXPECTED[case]
+
+
+async def test_a_server_stream_fails_after_its_first_message(channel: grpc.aio.Channel) -> None:
+    call = channel.unary_stream(f"/{SERVICE}/ServerStream")(b"resource_exhausted", timeout=10)
+    received: list[bytes] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _collect(call, received)
+
+    assert received == [b"first"]
+    assert errors.decode(caught.value) == EXPECTED["resource_exhausted"]
+
+
+async def test_a_client_stream_error_decodes(channel: grpc.aio.Channel) -> None:
+    async def requests() -> AsyncIterator[bytes]:
+        yield b"ignored"
+        yield b"invalid_argument"
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.stream_unary(f"/{SERVICE}/ClientStream")(requests(), timeout=10)
+
+    assert errors.decode(caught.value) == EXPECTED["invalid_argument"]
+
+
+async def test_a_bidirectional_stream_error_decodes(channel: grpc.aio.Channel) -> None:
+    call = channel.stream_stream(f"/{SERVICE}/BidiStream")(timeout=10)
+    await call.write(b"out_of_range")
+    assert await call.read() == b"echo"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+
+    assert errors.decode(caught.value) == EXPECTED["out_of_range"]
+
+
+async def test_an_unexpected_exception_is_internal_and_hides_its_text(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="audience.errors"):
+        decoded = await _unary_error(channel, f"/{SERVICE}/Unary", b"unexpected")
+
+    assert decoded == EXPECTED["internal"]
+    assert "secret-table-name" not in repr(decoded)
+    logged = [r for r in caplog.records if r.name == "audience.errors"]
+    assert len(logged) == 1
+    assert f"/{SERVICE}/Unary" in logged[0].getMessage()
+    assert logged[0].exc_info is not None
+    assert isinstance(logged[0].exc_info[1], KeyError)
+
+
+async def test_an_unexpected_exception_in_a_stream_is_internal(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = channel.unary_stream(f"/{SERVICE}/ServerStream")(b"unexpected", timeout=10)
+    with (
+        caplog.at_level(logging.ERROR, logger="audience.errors"),
+        pytest.raises(grpc.aio.AioRpcError) as caught,
+    ):
+        await _collect(call, [])
+
+    assert errors.decode(caught.value) == EXPECTED["internal"]
+
+
+async def test_a_handler_that_aborts_itself_is_left_alone(channel: grpc.aio.Channel) -> None:
+    decoded = await _unary_error(channel, f"/{SERVICE}/AbortsItself", b"")
+
+    assert decoded == DecodedError(
+        code=grpc.StatusCode.CANCELLED, message="Handler aborted.", reason="", domain=""
+    )
+
+
+async def test_registered_method_handlers_are_intercepted_too(channel: grpc.aio.Channel) -> None:
+    decoded = await _unary_error(channel, "/audience.test.Registered/Get", b"")
+
+    assert decoded.code == grpc.StatusCode.NOT_FOUND
+    assert decoded.resource_name == "datasets/shop/profiles/u1"
+
+
+async def test_a_successful_call_is_untouched(channel: grpc.aio.Channel) -> None:
+    assert await channel.unary_unary(f"/{SERVICE}/Ok")(b"hello", timeout=10) == b"hello"
+
+
+async def test_an_unknown_method_stays_unimplemented(channel: grpc.aio.Channel) -> None:
+    decoded = await _unary_error(channel, f"/{SERVICE}/Missing", b"")
+
+    assert decoded.code == grpc.StatusCode.UNIMPLEMENTED
+    assert decoded.reason == ""

@@ -38,8 +38,6 @@ class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStat
     """
     EVENT_STATUS_REJECTED: _EventStatus.ValueType  # 3
     """The event is invalid and was not accepted; `violations` says why."""
-    EVENT_STATUS_SUPPRESSED: _EventStatus.ValueType  # 4
-    """The event's identity was erased and its events are suppressed until released."""
 
 class EventStatus(_EventStatus, metaclass=_EventStatusEnumTypeWrapper):
     """What happened to an event."""
@@ -54,8 +52,6 @@ will not be applied again.
 """
 EVENT_STATUS_REJECTED: EventStatus.ValueType  # 3
 """The event is invalid and was not accepted; `violations` says why."""
-EVENT_STATUS_SUPPRESSED: EventStatus.ValueType  # 4
-"""The event's identity was erased and its events are suppressed until released."""
 Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
 
 @_typing.final

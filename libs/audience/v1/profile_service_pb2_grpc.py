@@ -133,8 +133,8 @@ class ProfileServiceServicer:
 
     def EraseProfile(self, request, context):
         """Erases a profile (GDPR): its history, identities and aggregates are deleted, it leaves
-        every segment, later exports exclude it, and events for its identities are suppressed
-        until released.
+        every segment, later exports exclude it, and events for its identities that arrive
+        later are accepted by ingest but suppressed (never applied) until released.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,8 +50,8 @@ class ProfileServiceStub:
     """
     EraseProfile: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.EraseProfileRequest, _profile_service_pb2.EraseProfileResponse]
     """Erases a profile (GDPR): its history, identities and aggregates are deleted, it leaves
-    every segment, later exports exclude it, and events for its identities are suppressed
-    until released.
+    every segment, later exports exclude it, and events for its identities that arrive
+    later are accepted by ingest but suppressed (never applied) until released.
     """
     ReleaseErasedIdentities: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ReleaseErasedIdentitiesRequest, _profile_service_pb2.ReleaseErasedIdentitiesResponse]
     """Lets events of erased identities be accepted again."""
@@ -88,8 +88,8 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """
     EraseProfile: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.EraseProfileRequest, _profile_service_pb2.EraseProfileResponse]  # type: ignore[assignment]
     """Erases a profile (GDPR): its history, identities and aggregates are deleted, it leaves
-    every segment, later exports exclude it, and events for its identities are suppressed
-    until released.
+    every segment, later exports exclude it, and events for its identities that arrive
+    later are accepted by ingest but suppressed (never applied) until released.
     """
     ReleaseErasedIdentities: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ReleaseErasedIdentitiesRequest, _profile_service_pb2.ReleaseErasedIdentitiesResponse]  # type: ignore[assignment]
     """Lets events of erased identities be accepted again."""
@@ -159,8 +159,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_service_pb2.EraseProfileResponse, _abc.Awaitable[_profile_service_pb2.EraseProfileResponse]]:
         """Erases a profile (GDPR): its history, identities and aggregates are deleted, it leaves
-        every segment, later exports exclude it, and events for its identities are suppressed
-        until released.
+        every segment, later exports exclude it, and events for its identities that arrive
+        later are accepted by ingest but suppressed (never applied) until released.
         """
 
     @_abc_1.abstractmethod

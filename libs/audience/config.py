@@ -212,8 +212,9 @@ class Env:
         value = self._raw(name)
         if value is None:
             return default
-        expected = "a duration such as 250ms, 30s, 5m, 2h, 1d or plain seconds" + _bounds(
-            minimum, maximum
+        expected = (
+            f"a duration{_bounds(minimum, maximum)} "
+            "(such as 250ms, 30s, 5m, 2h, 1d or plain seconds)"
         )
         match = _DURATION.fullmatch(value)
         if match is None:

@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 __all__ = [
     "DOMAIN",
     "AudienceError",
+    "Behavior",
     "DecodedError",
     "ErrorInterceptor",
     "FieldViolation",
@@ -287,6 +288,7 @@ async def _abort_for(context: grpc.aio.ServicerContext, method: str, error: Exce
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+"""A handler's behaviour: ``async def (request or request iterator, context)``."""
 
 
 def _guard(behavior: Behavior, method: str) -> Behavior:

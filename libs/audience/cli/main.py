@@ -1,0 +1,26 @@
+"""The ``audience`` command-line tool for people.
+
+Commands that talk to a running suite take ``--address`` (default ``127.0.0.1:50051``, or
+``AUDIENCE_ADDRESS``), where ``audience up`` serves every service.
+"""
+
+from __future__ import annotations
+
+import click
+
+from audience.cli.suite import health, migrate, up
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="audience")
+def cli() -> None:
+    """Audience: real-time audience segments."""
+
+
+cli.add_command(up)
+cli.add_command(health)
+cli.add_command(migrate)
+
+
+def main() -> None:
+    cli(auto_envvar_prefix="AUDIENCE")

@@ -1,0 +1,156 @@
+"""Composition of a service process: shared resources, migrations, and the host.
+
+Each service describes itself with a :class:`ServiceDefinition` (its name, the Postgres
+schema and migrations it owns, and how to build its :class:`~audience.server.ServiceUnit`
+from the shared :class:`Resources`). ``python -m services.<name>`` runs one definition with
+:func:`run_alone`; ``audience up`` runs all of them in one process with :func:`serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.resources.abc import Traversable
+
+import asyncpg
+from redis.asyncio import Redis
+
+from audience import db
+from audience.config import CommonConfig, ConfigError
+from audience.server import Host, ServiceUnit
+from audience.streams import Bus
+from audience.telemetry import Telemetry, configure_logging, setup_telemetry
+
+__all__ = ["Resources", "ServiceDefinition", "migrate", "run_alone", "serve"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Connections opened once per process and shared by the services it hosts."""
+
+    common: CommonConfig
+    environ: Mapping[str, str]
+    postgres: asyncpg.Pool
+    redis: Redis
+    bus: Bus
+    telemetry: Telemetry
+
+    @classmethod
+    async def open(
+        cls,
+        common: CommonConfig,
+        environ: Mapping[str, str],
+        *,
+        postgres_dsn: str,
+        redis_url: str,
+        telemetry: Telemetry,
+        pool_size: int,
+    ) -> Resources:
+        """Opens the PostgreSQL pool and the Redis client; closes both if either fails."""
+        redis = Redis.from_url(redis_url, max_connections=max(64, pool_size * 4))
+        try:
+            await redis.ping()
+            postgres = await db.create_pool(
+                postgres_dsn,
+                min_size=1,
+                max_size=pool_size,
+                application_name=f"audience-{telemetry.service_name}",
+            )
+        except BaseException:
+            await redis.aclose()
+            raise
+        bus = Bus(redis, namespace=common.redis_namespace, partitions=common.bus_partitions)
+        return cls(common, environ, postgres, redis, bus, telemetry)
+
+    async def close(self) -> None:
+        await self.postgres.close()
+        await self.redis.aclose()
+
+
+BuildUnit = Callable[[Resources], Awaitable[ServiceUnit]]
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """What a host needs to know to run one service.
+
+    Attributes:
+        name: the short name, also the ``services.<name>`` package.
+        schema: the PostgreSQL schema the service owns.
+        migrations: its ordered SQL migrations.
+        build: wires the service from the shared resources (its composition root).
+    """
+
+    name: str
+    schema: str
+    migrations: Traversable
+    build: BuildUnit
+
+
+async def migrate(pool: asyncpg.Pool, definitions: Sequence[ServiceDefinition]) -> None:
+    """Applies every service's pending migrations, each under its own advisory lock."""
+    for definition in definitions:
+        applied = await db.migrate(pool, schema=definition.schema, migrations=definition.migrations)
+        for name in applied:
+            _log.info("Applied migration %s/%s", definition.schema, name)
+
+
+async def serve(
+    definitions: Sequence[ServiceDefinition],
+    common: CommonConfig,
+    environ: Mapping[str, str],
+    *,
+    postgres_dsn: str,
+    redis_url: str,
+    on_started: Callable[[Host], None] = lambda host: None,
+) -> int:
+    """Runs services in one host until SIGTERM or SIGINT; returns the exit code."""
+    label = "audience" if len(definitions) > 1 else definitions[0].name
+    telemetry = setup_telemetry(label, common.otel, common.otel_endpoint)
+    try:
+        resources = await Resources.open(
+            common,
+            environ,
+            postgres_dsn=postgres_dsn,
+            redis_url=redis_url,
+            telemetry=telemetry,
+            pool_size=8 * len(definitions),
+        )
+        try:
+            await migrate(resources.postgres, definitions)
+            units = [await definition.build(resources) for definition in definitions]
+            host = Host(units, common, telemetry=telemetry)
+            await host.start()
+            on_started(host)
+            return await host.run_until_signal()
+        finally:
+            await resources.close()
+    finally:
+        telemetry.shutdown()
+
+
+def run_alone(definition: ServiceDefinition) -> None:
+    """Entry point of ``python -m services.<name>``: the service alone, configured servers."""
+    environ = dict(os.environ)
+    try:
+        common = CommonConfig.from_env(environ)
+        postgres_dsn = common.require_postgres_dsn()
+        redis_url = common.require_redis_url()
+    except ConfigError as error:
+        print(f"{definition.name}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(common.log_level, common.log_format)
+    try:
+        code = asyncio.run(
+            serve([definition], common, environ, postgres_dsn=postgres_dsn, redis_url=redis_url)
+        )
+    except ConfigError as error:
+        print(f"{definition.name}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)

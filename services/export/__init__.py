@@ -1,0 +1,1 @@
+"""Export: CSV downloads, feeds to folders and SFTP, and membership webhooks."""

@@ -1,0 +1,1 @@
+"""SQL migrations of the export schema, applied in order by audience.db.migrate."""

@@ -1,0 +1,1 @@
+"""Ingest: accepts events, validates and de-duplicates them, and appends them to the bus."""

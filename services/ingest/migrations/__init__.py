@@ -1,0 +1,1 @@
+"""SQL migrations of the ingest schema, applied in order by audience.db.migrate."""

@@ -1,0 +1,1 @@
+"""Profile: the Unified Customer and Account Profiles, their history and aggregates."""

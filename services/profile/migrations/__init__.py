@@ -1,0 +1,1 @@
+"""SQL migrations of the profile schema, applied in order by audience.db.migrate."""

@@ -1,0 +1,1 @@
+"""Segment engine: segment definitions, real-time memberships and the change stream."""

@@ -1,0 +1,1 @@
+"""SQL migrations of the segment_engine schema, applied in order by audience.db.migrate."""

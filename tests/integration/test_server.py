@@ -407,7 +407,7 @@ async def test_sigterm_drains_in_flight_rpcs_then_exits_zero(children: list[Chil
         )
         assert (await watch.read()).status == SERVING
         slow = asyncio.ensure_future(
-            channel.unary_unary("/audience.test.Slow/Wait")(b"2", timeout=30)
+            channel.unary_unary("/audience.test.Slow/Wait")(b"4", timeout=30)
         )
         await child.line("STARTED")
 

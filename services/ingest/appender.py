@@ -1,0 +1,197 @@
+"""Appends accepted events to the ``events`` topic, de-duplicated, in one script per partition.
+
+For each partition a batch touches, one Lua script runs atomically in Redis:
+
+1. an event is a duplicate when its de-dup key exists, or when an earlier event of the
+   same call had the same key;
+2. the records of the others, concatenated, become one ``EventBatch`` entry (``XADD``
+   with the bus layout: field ``b`` the payload, ``h`` the trace headers);
+3. only then is each appended event's de-dup key set, expiring after the window, holding
+   the entry id that carried it.
+
+Appending before marking means an event is never marked seen without being appended; the
+script being atomic means no other call can slip between the check and the mark, so no
+event is appended twice within the window. Redis runs a script to the end or not at all
+unless the server dies mid-script; a write refused for lack of memory can only be the
+first write, the ``XADD``, which leaves nothing behind.
+
+The de-dup key of an event is ``<stream key>:seen:<dataset>:<event_id>``: it shares the
+stream's hash tag, so under Redis Cluster the script's keys all live in one slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import cast
+
+from redis.exceptions import NoScriptError, RedisError
+
+from audience import errors
+from audience.streams import HEADERS_FIELD, PAYLOAD_FIELD, Bus
+
+__all__ = ["EVENTS_TOPIC", "Appender", "PartitionBatch", "dedup_prefix"]
+
+EVENTS_TOPIC = "events"
+
+_log = logging.getLogger(__name__)
+
+# KEYS[1]: the partition's stream; KEYS[2..n+1]: each event's de-dup key.
+# ARGV[1]: the window in milliseconds; ARGV[2]: the headers JSON, '' for none;
+# ARGV[3]: the events' EventBatch records, concatenated in the order of the keys;
+# ARGV[4]: each record's length, a little-endian uint32 each.
+# Returns {entry id or false, positions (1-based) of the duplicates}.
+#
+# The records travel as one argument: when nothing is a duplicate (the common case) it is
+# the payload as is, and one argument instead of one per event halves the client's cost
+# of encoding the command.
+_APPEND = f"""
+local n = #KEYS - 1
+local fresh, order, dups = {{}}, {{}}, {{}}
+for i = 1, n do
+  local key = KEYS[i + 1]
+  if fresh[key] or redis.call('EXISTS', key) == 1 then
+    dups[#dups + 1] = i
+  else
+    fresh[key] = true
+    order[#order + 1] = key
+  end
+end
+if #order == 0 then
+  return {{false, dups}}
+end
+local payload = ARGV[3]
+if #dups > 0 then
+  local parts, next_dup, offset = {{}}, 1, 1
+  for i = 1, n do
+    local size = struct.unpack('<I4', ARGV[4], 4 * i - 3)
+    if dups[next_dup] == i then
+      next_dup = next_dup + 1
+    else
+      parts[#parts + 1] = string.sub(payload, offset, offset + size - 1)
+    end
+    offset = offset + size
+  end
+  payload = table.concat(parts)
+end
+local id
+if ARGV[2] == '' then
+  id = redis.call('XADD', KEYS[1], '*', '{PAYLOAD_FIELD}', payload)
+else
+  id = redis.call('XADD', KEYS[1], '*', '{PAYLOAD_FIELD}', payload, '{HEADERS_FIELD}', ARGV[2])
+end
+for i = 1, #order do
+  redis.call('SET', order[i], id, 'PX', ARGV[1])
+end
+return {{id, dups}}
+"""
+
+
+def dedup_prefix(stream: str, dataset: str) -> str:
+    """Returns the de-dup key of an event without its event id."""
+    return f"{stream}:seen:{dataset}:"
+
+
+@dataclass(slots=True)
+class PartitionBatch:
+    """The accepted events of one call that go to one partition, in order.
+
+    Attributes:
+        partition: the partition.
+        keys: each event's de-dup key (``dedup_prefix`` + event id).
+        records: each event's ``EventBatch`` record.
+        positions: each event's index in the call, for the caller.
+    """
+
+    partition: int
+    keys: list[str]
+    records: list[bytes]
+    positions: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What the script did with one partition batch."""
+
+    entry_id: str | None
+    """The stream entry holding the appended events; None when all were duplicates."""
+    duplicates: list[int]
+    """Indexes (into the batch's lists) of the events that were duplicates."""
+
+
+class Appender:
+    """Runs the append script on a bus's ``events`` partitions."""
+
+    def __init__(self, bus: Bus, *, window: timedelta) -> None:
+        self._bus = bus
+        self._redis = bus.redis
+        self._window_ms = str(max(1, round(window.total_seconds() * 1000)))
+        self._script = bus.redis.register_script(_APPEND)
+        self._sha = self._script.sha
+
+    def stream_key(self, partition: int) -> str:
+        return self._bus.stream_key(EVENTS_TOPIC, partition)
+
+    async def append(self, batches: Sequence[PartitionBatch], headers_json: str) -> list[Appended]:
+        """Appends each batch to its partition in one round trip; returns what happened.
+
+        Raises:
+            AudienceError: ``UNAVAILABLE`` when Redis cannot be reached. Some partitions may
+                have been appended by then; a retry reports those events as duplicates.
+        """
+        try:
+            replies = await self._run(batches, headers_json, range(len(batches)))
+            missing = [i for i, reply in replies.items() if isinstance(reply, NoScriptError)]
+            if missing:
+                # A restarted or failed-over Redis lost its script cache: the script did not
+                # run for these, so running them again is safe.
+                await self._redis.script_load(_APPEND)
+                replies.update(await self._run(batches, headers_json, missing))
+        except RedisError as error:
+            _log.warning("appending to the events topic failed: %s", error)
+            raise errors.unavailable(
+                "The event bus is unavailable; retry.",
+                timedelta(seconds=1),
+                reason="BUS_UNAVAILABLE",
+            ) from error
+        results: list[Appended] = []
+        for index in range(len(batches)):
+            reply = replies[index]
+            if isinstance(reply, Exception):
+                _log.error("the append script failed: %s", reply)
+                raise errors.unavailable(
+                    "The event bus refused the events; retry.",
+                    timedelta(seconds=1),
+                    reason="BUS_UNAVAILABLE",
+                ) from reply
+            entry_id, duplicates = cast("tuple[bytes | None, list[int]]", reply)
+            results.append(
+                Appended(
+                    entry_id.decode() if entry_id else None,
+                    [position - 1 for position in duplicates],
+                )
+            )
+        return results
+
+    async def _run(
+        self, batches: Sequence[PartitionBatch], headers_json: str, indexes: Sequence[int]
+    ) -> dict[int, object]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                batch = batches[index]
+                records = batch.records
+                pipe.evalsha(
+                    self._sha,
+                    len(batch.keys) + 1,
+                    self.stream_key(batch.partition),
+                    *batch.keys,
+                    self._window_ms,
+                    headers_json,
+                    b"".join(records),
+                    struct.pack(f"<{len(records)}I", *map(len, records)),
+                )
+            replies = await pipe.execute(raise_on_error=False)
+        return dict(zip(indexes, replies, strict=True))

@@ -1,0 +1,235 @@
+"""``audience.v1.IngestService``: translates between the protos and the ingest domain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+
+import grpc.aio
+from google.protobuf import timestamp_pb2
+
+from audience import errors
+from audience.v1 import (
+    common_pb2,
+    event_pb2,
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    profile_pb2,
+)
+from services.ingest.failed import FailedEvents, failed_event_name
+from services.ingest.ingestor import BatchResult, Ingestor, parse_parent
+from services.ingest.store import FailedEventRow
+from services.ingest.validation import Violation
+
+__all__ = ["MAX_BATCH_EVENTS", "IngestServicer"]
+
+MAX_BATCH_EVENTS = 1000
+
+_StreamItem = asyncio.Future[ingest_service_pb2.StreamEventsResponse] | Exception | None
+
+
+def _check_count(count: int) -> None:
+    if not 0 < count <= MAX_BATCH_EVENTS:
+        raise errors.invalid_argument(
+            f"A batch holds 1 to {MAX_BATCH_EVENTS:,} events, got {count:,}.",
+            errors.FieldViolation("events", f"Must hold 1 to {MAX_BATCH_EVENTS:,} events."),
+            reason="BATCH_SIZE",
+        )
+
+
+def _path(prefix: str, field: str) -> str:
+    return f"{prefix}.{field}" if field else prefix
+
+
+def _fill_results(
+    results: object,
+    events: Sequence[event_pb2.Event],
+    result: BatchResult,
+) -> None:
+    add = results.add  # type: ignore[attr-defined]
+    statuses = result.statuses
+    for index, event in enumerate(events):
+        add(event_id=event.event_id, status=statuses[index])
+    for index, problems in result.violations.items():
+        results[index].violations.extend(  # type: ignore[index]
+            common_pb2.FieldViolation(
+                field=_path(f"events[{index}]", v.field),
+                description=v.description,
+                reason=v.reason,
+            )
+            for v in problems
+        )
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromDatetime(value)
+    return timestamp
+
+
+def _failed_event(row: FailedEventRow) -> profile_pb2.FailedEvent:
+    failed = profile_pb2.FailedEvent(
+        name=failed_event_name(row),
+        event=event_pb2.Event.FromString(row.event),
+        stage=row.stage,
+        reason=row.reason,
+        message=row.message,
+        fail_time=_timestamp(row.fail_time),
+        replay_count=row.replay_count,
+    )
+    if row.replay_time is not None:
+        failed.replay_time.CopyFrom(_timestamp(row.replay_time))
+    return failed
+
+
+def _invalid_event(violations: Sequence[Violation]) -> errors.AudienceError:
+    return errors.invalid_argument(
+        "The event is invalid: "
+        + "; ".join(f"{_path('event', v.field)}: {v.description}" for v in violations[:3]),
+        *(errors.FieldViolation(_path("event", v.field), v.description) for v in violations),
+        reason="INVALID_EVENT",
+        metadata={"reasons": ",".join(sorted({v.reason for v in violations}))},
+    )
+
+
+class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
+    """The gRPC face of ingest.
+
+    Args:
+        ingestor: accepts batches.
+        failed: lists and replays failed events.
+        stream_depth: how many batches of one ``StreamEvents`` call are in flight at once.
+    """
+
+    def __init__(self, ingestor: Ingestor, failed: FailedEvents, *, stream_depth: int) -> None:
+        self._ingestor = ingestor
+        self._failed = failed
+        self._stream_depth = stream_depth
+
+    async def SendEvent(  # noqa: N802 (gRPC's name)
+        self,
+        request: ingest_service_pb2.SendEventRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ingest_service_pb2.SendEventResponse:
+        dataset = parse_parent(request.parent)
+        if not request.HasField("event"):
+            raise errors.invalid_argument(
+                "event is required.", errors.FieldViolation("event", "Required.")
+            )
+        result = await self._ingestor.ingest(dataset, [request.event])
+        if result.violations:
+            raise _invalid_event(result.violations[0])
+        return ingest_service_pb2.SendEventResponse(
+            result=ingest_service_pb2.EventResult(
+                event_id=request.event.event_id,
+                status=ingest_service_pb2.EventStatus.ValueType(result.statuses[0]),
+            )
+        )
+
+    async def SendEvents(  # noqa: N802
+        self,
+        request: ingest_service_pb2.SendEventsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ingest_service_pb2.SendEventsResponse:
+        dataset = parse_parent(request.parent)
+        events = request.events
+        _check_count(len(events))
+        result = await self._ingestor.ingest(dataset, events)
+        response = ingest_service_pb2.SendEventsResponse(
+            accepted_count=result.accepted,
+            duplicate_count=result.duplicates,
+            rejected_count=result.rejected,
+        )
+        _fill_results(response.results, events, result)
+        return response
+
+    async def StreamEvents(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[ingest_service_pb2.StreamEventsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ingest_service_pb2.StreamEventsResponse]:
+        # A reader task takes batches off the stream and starts them, at most
+        # `stream_depth` ahead of the batch whose results are being sent: the stream's
+        # memory stays bounded, and its results keep the order of its batches.
+        queue: asyncio.Queue[_StreamItem] = asyncio.Queue(self._stream_depth)
+        reader = asyncio.create_task(self._read_stream(request_iterator, queue))
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield await item
+        finally:
+            reader.cancel()
+            while not queue.empty():
+                left = queue.get_nowait()
+                if isinstance(left, asyncio.Future):
+                    left.cancel()
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[ingest_service_pb2.StreamEventsRequest],
+        queue: asyncio.Queue[_StreamItem],
+    ) -> None:
+        dataset: str | None = None
+        try:
+            async for request in requests:
+                if request.parent:
+                    named = parse_parent(request.parent)
+                    if dataset is not None and named != dataset:
+                        raise errors.invalid_argument(
+                            "A stream sends to one dataset.",
+                            errors.FieldViolation(
+                                "parent", f"Must be datasets/{dataset} or empty, as first sent."
+                            ),
+                        )
+                    dataset = named
+                elif dataset is None:
+                    raise errors.invalid_argument(
+                        "The first message of a stream names the dataset.",
+                        errors.FieldViolation("parent", "Required on the first message."),
+                    )
+                _check_count(len(request.events))
+                self._ingestor.check_capacity()
+                await queue.put(asyncio.ensure_future(self._stream_batch(dataset, request.events)))
+        except Exception as error:
+            await queue.put(error)
+        else:
+            await queue.put(None)
+
+    async def _stream_batch(
+        self, dataset: str, events: Sequence[event_pb2.Event]
+    ) -> ingest_service_pb2.StreamEventsResponse:
+        result = await self._ingestor.ingest(dataset, events)
+        response = ingest_service_pb2.StreamEventsResponse()
+        _fill_results(response.results, events, result)
+        return response
+
+    async def ListFailedEvents(  # noqa: N802
+        self,
+        request: ingest_service_pb2.ListFailedEventsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ingest_service_pb2.ListFailedEventsResponse:
+        dataset = parse_parent(request.parent)
+        page = await self._failed.page(
+            dataset,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            reason=request.reason,
+        )
+        return ingest_service_pb2.ListFailedEventsResponse(
+            failed_events=[_failed_event(row) for row in page.rows],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ReplayFailedEvents(  # noqa: N802
+        self,
+        request: ingest_service_pb2.ReplayFailedEventsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ingest_service_pb2.ReplayFailedEventsResponse:
+        dataset = parse_parent(request.parent)
+        replayed = await self._failed.replay(dataset, names=request.names, reason=request.reason)
+        return ingest_service_pb2.ReplayFailedEventsResponse(replayed_count=replayed)

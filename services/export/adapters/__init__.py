@@ -1,0 +1,1 @@
+"""Adapters of the export service: peers over gRPC, folders, SFTP and HTTP."""

@@ -127,14 +127,19 @@ class CsvProducer:
                         yield Piece(text, rows)
 
     async def resume_point(self, dataset: str, segment_ids: Sequence[str]) -> str:
-        """A token of the change stream as of now: what a snapshot read after it covers."""
+        """A token of the change stream as of now, to be taken before a snapshot is read.
+
+        The first message watched from now will do, change or heartbeat: a change that was
+        streamed is committed, so a snapshot read afterwards already holds it, and changes
+        after the token that the snapshot also holds come again as harmless repeats.
+        """
         async with asyncio.timeout(self._catch_up_timeout.total_seconds()):
             async for item in self._members.watch(
                 dataset, segment_ids, None, None, self._heartbeat
             ):
-                if isinstance(item, Heartbeat):
+                if item.resume_token:
                     return item.resume_token
-        raise unavailable("the segment engine closed the change stream before a heartbeat")
+        raise unavailable("the segment engine closed the change stream before a resume point")
 
     async def read_delta(
         self, dataset: str, segment_ids: Sequence[str], resume_token: str, until: datetime

@@ -179,11 +179,12 @@ async def test_a_change_stream_that_ends_before_catching_up_fails_the_read() -> 
         await producer(Members({}, stream)).read_delta("d", ["s"], "t", T0 + timedelta(hours=1))
 
 
-async def test_a_snapshot_resume_point_is_the_first_heartbeat() -> None:
+async def test_a_snapshot_resume_point_is_the_first_message_of_a_watch_from_now() -> None:
     stream: list[MembershipChange | Heartbeat] = [
         change("p1", ChangeKind.JOIN, 1, T0),
         Heartbeat("h1", T0),
         Heartbeat("h2", T0),
     ]
 
-    assert await producer(Members({}, stream)).resume_point("d", ["s"]) == "h1"
+    assert await producer(Members({}, stream)).resume_point("d", ["s"]) == "t1"
+    assert await producer(Members({}, stream[1:])).resume_point("d", ["s"]) == "h1"

@@ -13,16 +13,16 @@ Layout, which anything appending entries itself (the ingest Lua script) must kee
 - An entry has field ``b``, the payload, and field ``h``, the headers as compact JSON
   (``{"traceparent":"00-..."}``), omitted when there are none. A new layout would take new
   field names, never a new meaning for these.
-- The partition of a profile key is the first 8 bytes of its BLAKE2b digest, big-endian,
-  modulo the partition count: stable across processes, machines and Python versions
-  (``hash()`` is salted per process).
+- The partition of a profile key is its 8-byte BLAKE2b digest (``digest_size=8``) read
+  big-endian, modulo the partition count: stable across processes, machines and Python
+  versions (``hash()`` is salted per process).
 
 Trimming keeps every entry that some group has not acknowledged or not yet read, so it is
 safe to run from any number of replicas of any service.
 
-One ``XREADGROUP`` serves all of a consumer's partitions. Under Redis Cluster that needs
-the partitions in one slot, which they are not; a clustered deployment gives each replica
-its partitions statically and reads them one per consumer.
+The bus takes a plain (not cluster) client: one ``XREADGROUP`` serves all of a consumer's
+partitions, which Redis Cluster allows only within one slot. Under Cluster, each consumer
+would read one partition, with a cluster client.
 """
 
 from __future__ import annotations
@@ -160,14 +160,25 @@ class Delivery:
     delivery_count: int | None
 
 
+def _raise_if_cancelled() -> None:
+    """Raises the current task's cancellation if something swallowed it.
+
+    Python 3.11's ``asyncio.wait_for``, which redis-py sends commands through when a socket
+    timeout is set (as by default), can swallow a cancellation that arrives as the command
+    completes (CPython gh-86296, fixed in 3.12): a loop around the bus would never stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _check_name(name: str) -> None:
     if not name or "{" in name or "}" in name:
         raise ValueError(f"bus names must be non-empty and brace-free, got {name!r}")
 
 
 def _parse_id(entry_id: str | bytes) -> _EntryId:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
+    ms, _, seq = _text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -181,11 +192,8 @@ def _text(value: str | bytes) -> str:
 
 
 def _stream_entries(response: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
-    """Returns the (stream, entries) pairs of an XREADGROUP reply in either RESP shape."""
-    if not response:
-        return []
-    pairs = response.items() if isinstance(response, dict) else response
-    return [(stream, entries) for stream, entries in pairs]
+    """Returns the (stream, entries) pairs of an XREADGROUP reply; none when it timed out."""
+    return [(stream, entries) for stream, entries in response or []]
 
 
 class Bus:
@@ -200,13 +208,17 @@ class Bus:
         """Binds the bus to a client.
 
         Args:
-            redis: a client with ``decode_responses`` off: payloads are bytes.
+            redis: a client giving redis-py's default replies: bytes (``decode_responses``
+                off) in the RESP2 shapes (no ``protocol=3``, no ``legacy_responses=False``).
             namespace: prefixes every key, so environments and tests can share a server.
             partitions: the partition count of every topic. Changing it moves profiles
                 between partitions, so it is fixed for the life of the data.
         """
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        options = redis.connection_pool.connection_kwargs
+        if options.get("decode_responses"):
             raise ValueError("the bus needs a Redis client with decode_responses=False")
+        if str(options.get("protocol") or 2) != "2" or not options.get("legacy_responses", True):
+            raise ValueError("the bus needs a Redis client with the default RESP2 replies")
         if partitions < 1:
             raise ValueError(f"partitions must be at least 1, got {partitions}")
         _check_name(namespace)
@@ -393,6 +405,7 @@ class Bus:
                     _log.warning("trimming topic %s failed; will retry", topic, exc_info=True)
                 else:
                     _log.debug("trimmed %d entries from topic %s", removed, topic)
+                _raise_if_cancelled()
             await asyncio.sleep(interval)
 
     async def _group_infos(self, keys: Sequence[str]) -> list[dict[str, dict[str, Any]] | None]:
@@ -425,7 +438,8 @@ class Consumer:
     3. new entries, waiting up to ``block`` seconds for some.
 
     ``claim_idle`` must exceed the longest time a live consumer takes over a batch, or its
-    batches are handed out twice. The client's ``socket_timeout`` must exceed ``block``.
+    batches are handed out twice. ``block`` must stay under the client's ``socket_timeout``
+    (5 seconds unless configured, in redis-py), or reads time out.
     """
 
     def __init__(
@@ -447,9 +461,6 @@ class Consumer:
             raise ValueError(f"count must be at least 1, got {count}")
         if min(block, claim_idle, claim_interval) <= 0:
             raise ValueError("block, claim_idle and claim_interval must be positive seconds")
-        socket_timeout = bus.redis.connection_pool.connection_kwargs.get("socket_timeout")
-        if socket_timeout is not None and socket_timeout <= block:
-            raise ValueError(f"socket_timeout {socket_timeout}s must exceed block {block}s")
         self.bus = bus
         self.topic = topic
         self.group = group
@@ -472,6 +483,11 @@ class Consumer:
 
     async def read(self) -> list[Delivery]:
         """Returns the next deliveries, up to ``count`` per partition; empty if none came."""
+        deliveries = await self._next()
+        _raise_if_cancelled()
+        return deliveries
+
+    async def _next(self) -> list[Delivery]:
         if self._history:
             deliveries = await self._read_history()
             if deliveries:

@@ -106,8 +106,9 @@ async def entry_ids(client: Redis, key: str) -> list[str]:
     return [entry_id.decode() for entry_id, _ in entries if isinstance(entry_id, bytes)]
 
 
-def ids(deliveries: Iterable[Delivery]) -> set[str]:
-    return {d.entry_id for d in deliveries}
+def ids(deliveries: Iterable[Delivery]) -> set[tuple[int, str]]:
+    """Entry ids are per stream: two partitions may hold the same one."""
+    return {(d.partition, d.entry_id) for d in deliveries}
 
 
 async def test_published_message_round_trips_with_its_headers(bus: Bus) -> None:
@@ -314,8 +315,9 @@ async def test_trimming_keeps_every_unacknowledged_or_unread_entry(bus: Bus, cli
     middle = consumer(bus, "middle", "m")
     middle_read = await read_all(middle)
     # The middle group holds the 4th entry of each partition, and later ones, unacknowledged.
-    done = {published[p][i] for p in published for i in (0, 1, 2, 4)}
-    await middle.ack(d for d in middle_read if d.entry_id in done)
+    # Entry ids are per stream, so two partitions may hold the same id.
+    done = {(p, published[p][i]) for p in published for i in (0, 1, 2, 4)}
+    await middle.ack(d for d in middle_read if (d.partition, d.entry_id) in done)
     behind = consumer(bus, "behind", "b", count=6)
 
     assert await bus.trim(TOPIC, groups) == 0
@@ -366,6 +368,25 @@ async def test_the_trimming_loop_trims_in_the_background(bus: Bus, client: Redis
         trimmer.cancel()
         with pytest.raises(asyncio.CancelledError):
             await trimmer
+
+
+async def test_loops_over_the_bus_stop_when_cancelled_at_any_moment(bus: Bus) -> None:
+    # Python 3.11 can swallow a cancellation inside redis-py (CPython gh-86296).
+    await bus.declare(TOPIC, ["profile"])
+    worker = consumer(bus, "profile", "profile-0", block=0.001)
+
+    async def consume() -> None:
+        while True:
+            await worker.ack(await worker.read())
+
+    for attempt in range(200):
+        loop = consume() if attempt % 2 else bus.trim_forever({TOPIC: ["profile"]}, interval=0)
+        task = asyncio.create_task(loop)
+        await asyncio.sleep(attempt % 50 / 10_000)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done, f"attempt {attempt}: the loop went on after being cancelled"
+        assert task.cancelled()
 
 
 async def test_backlog_counts_unacknowledged_and_unread_entries_exactly(bus: Bus) -> None:

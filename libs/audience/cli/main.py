@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from audience.cli.export import export
 from audience.cli.suite import health, migrate, up
 
 
@@ -20,6 +21,7 @@ def cli() -> None:
 cli.add_command(up)
 cli.add_command(health)
 cli.add_command(migrate)
+cli.add_command(export)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""The export service over gRPC, with the real segment engine and profile service."""

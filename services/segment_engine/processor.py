@@ -1,0 +1,540 @@
+"""Applies what changes memberships, one transaction per batch: profile changes from the bus,
+due timers, and memberships decided elsewhere (backfills, imports, deletions).
+
+A transaction locks the subjects it touches (users, then accounts), reads their stored
+state, checks that the compiled catalogs are at the revision the database holds, runs the
+pure evaluation (``domain.evaluation``) and writes memberships, views, timers, roll-up
+counts, daily counters and the change log together. A transaction that loses a deadlock is
+run again from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from audience.bus.v1 import profile_change_pb2
+from audience.rules import micros_from_timestamp, view_from_proto
+from services.segment_engine.catalogs import Catalogs
+from services.segment_engine.domain.catalog import Catalog, segment_dependency
+from services.segment_engine.domain.evaluation import (
+    Before,
+    Outcome,
+    Subject,
+    apply_forced,
+    erase,
+    evaluate_change,
+    evaluate_timers,
+    recount_rollups,
+    refresh_timer,
+    rollup_keys,
+)
+from services.segment_engine.domain.model import (
+    Cause,
+    Change,
+    Kind,
+    Membership,
+    Reason,
+    segment_name,
+)
+from services.segment_engine.rules import view_from_bytes
+from services.segment_engine.store.sql import DEADLOCK_RETRIES
+from services.segment_engine.store.state import (
+    Key,
+    LoggedChange,
+    StateStore,
+    SubjectRow,
+    SubjectWrite,
+    WriteBatch,
+)
+
+__all__ = ["Committed", "Processor"]
+
+_log = logging.getLogger(__name__)
+
+_UPDATED = profile_change_pb2.PROFILE_CHANGE_TYPE_UPDATED
+_ERASED = profile_change_pb2.PROFILE_CHANGE_TYPE_ERASED
+_MERGED = profile_change_pb2.PROFILE_CHANGE_TYPE_MERGED
+
+ProfileChange = profile_change_pb2.ProfileChange
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a committed transaction changed.
+
+    Attributes:
+        logged: the changes written to the log, with their positions.
+        members: the subjects whose memberships changed.
+        earliest_timer: the earliest timer set, microseconds; None when none was set.
+    """
+
+    logged: list[LoggedChange] = field(default_factory=list)
+    members: set[Key] = field(default_factory=set)
+    earliest_timer: int | None = None
+
+
+CommitHook = Callable[[Committed], None]
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """A locked subject: its row as stored, and its domain state as evaluation changes it."""
+
+    row: SubjectRow
+    subject: Subject
+    memberships: dict[str, Membership]
+    timers: dict[str, int]
+    counts: dict[str, int]
+    initial: tuple[Any, ...]
+    parsed: Any = None
+
+    def current_view(self) -> Any:
+        """The stored view, parsed once."""
+        if self.parsed is None:
+            self.parsed = view_from_bytes(self.row.view, self.row.subject_id)
+        return self.parsed
+
+    def state(self) -> tuple[Any, ...]:
+        row = self.row
+        return (
+            row.sequence,
+            row.view,
+            row.view_time,
+            row.erased,
+            self.subject.account_id,
+            frozenset(self.subject.rollups),
+        )
+
+
+@dataclass(slots=True)
+class _AccountTrigger:
+    keys: set[str] = field(default_factory=set)
+    cause: Cause = Cause.EVENT
+    event_ids: list[str] = field(default_factory=list)
+
+
+class _Unit:
+    """One transaction's work."""
+
+    def __init__(self, processor: Processor, conn: asyncpg.Connection, now: int) -> None:
+        self.processor = processor
+        self.conn = conn
+        self.now = now
+        self.loaded: dict[Key, _Loaded] = {}
+        self.catalogs: dict[str, Catalog] = {}
+        self.changes: list[tuple[str, Change]] = []
+        self.deltas: defaultdict[str, dict[tuple[str, str], int]] = defaultdict(dict)
+        self.triggers: dict[tuple[str, str], _AccountTrigger] = {}
+
+    async def load(self, keys: Iterable[Key], *, skip_locked: bool = False) -> list[Key]:
+        """Locks and reads subjects not loaded yet; returns those now loaded, in order."""
+        state = self.processor.state
+        wanted = [key for key in dict.fromkeys(keys) if key not in self.loaded]
+        if not wanted:
+            return []
+        if skip_locked:
+            rows = await state.try_lock(self.conn, wanted)
+        else:
+            rows = await state.lock(self.conn, wanted)
+        found = [key for key in wanted if key in rows]
+        if not found:
+            return []
+        memberships = await state.memberships(self.conn, found)
+        timers = await state.timers(self.conn, found)
+        accounts = [(key[0], key[2]) for key in found if key[1] == Kind.ACCOUNT]
+        counts = await state.rollup_counts(self.conn, accounts)
+        await self._catalogs({key[0] for key in found})
+        for key in found:
+            row = rows[key]
+            subject = Subject(
+                dataset=row.dataset,
+                kind=row.kind,
+                subject_id=row.subject_id,
+                view=None,
+                account_id=row.account_id if row.kind is Kind.USER else None,
+                memberships=dict(memberships[key]),
+                rollups=set(row.rollups),
+                rollup_counts=dict(counts.get((row.dataset, row.subject_id), {})),
+                timers=dict(timers[key]),
+            )
+            loaded = _Loaded(
+                row=row,
+                subject=subject,
+                memberships=memberships[key],
+                timers=timers[key],
+                counts=dict(subject.rollup_counts),
+                initial=(),
+            )
+            loaded.initial = loaded.state()
+            self.loaded[key] = loaded
+        return found
+
+    async def _catalogs(self, datasets: set[str]) -> None:
+        missing = datasets - self.catalogs.keys()
+        if not missing:
+            return
+        revisions = await self.processor.state.catalog_revisions(self.conn, missing)
+        for dataset, revision in revisions.items():
+            self.catalogs[dataset] = await self.processor.catalogs.get(dataset, revision)
+
+    def collect(
+        self, dataset: str, outcome: Outcome, cause: Cause, event_ids: Sequence[str]
+    ) -> None:
+        self.changes.extend((dataset, change) for change in outcome.changes)
+        if not outcome.rollup_deltas:
+            return
+        deltas = self.deltas[dataset]
+        for slot, delta in outcome.rollup_deltas.items():
+            deltas[slot] = deltas.get(slot, 0) + delta
+            account_id, key = slot
+            trigger = self.triggers.get((dataset, account_id))
+            if trigger is None:
+                trigger = self.triggers[(dataset, account_id)] = _AccountTrigger(cause=cause)
+            trigger.keys.add(key)
+            trigger.event_ids.extend(event_ids)
+
+    def profile_change(self, key: Key, change: ProfileChange) -> None:
+        loaded = self.loaded[key]
+        row = loaded.row
+        if change.sequence <= row.sequence:
+            return
+        catalog = self.catalogs[row.dataset]
+        subject = loaded.subject
+        event_ids = tuple(change.event_ids)
+        change_time = (
+            micros_from_timestamp(change.change_time)
+            if change.HasField("change_time")
+            else self.now
+        )
+        if change.type in (_ERASED, _MERGED):
+            cause = Cause.ERASURE if change.type == _ERASED else Cause.MERGE
+            subject.view = None
+            outcome = erase(catalog, subject, now=self.now, cause=cause)
+            row.view = None
+            row.erased = True
+            loaded.parsed = None
+        else:
+            cause = Cause.EVENT
+            fresh = row.erased or row.view is None
+            missed = row.sequence > 0 and change.sequence != row.sequence + 1
+            before = Before(
+                None if fresh else loaded.current_view,
+                self.now,
+                frozenset(subject.segment_names()),
+                dict(subject.rollup_counts),
+                subject.account_id,
+            )
+            view = change.view
+            subject.view = view_from_proto(view, row.subject_id)
+            if row.kind is Kind.USER:
+                subject.account_id = view.account_id or None
+            outcome = evaluate_change(
+                catalog,
+                subject,
+                now=self.now,
+                cause=cause,
+                event_ids=event_ids,
+                keys=None if fresh or missed else change.changed_keys,
+                before=before,
+            )
+            row.view = view.SerializeToString()
+            row.erased = False
+            loaded.parsed = subject.view
+        row.sequence = change.sequence
+        row.view_time = change_time
+        self.collect(row.dataset, outcome, cause, event_ids)
+
+    def timers(self, key: Key) -> None:
+        loaded = self.loaded[key]
+        due = {target: at for target, at in loaded.subject.timers.items() if at <= self.now}
+        if not due:
+            return
+        subject = loaded.subject
+        subject.view = loaded.current_view()
+        catalog = self.catalogs[loaded.row.dataset]
+        outcome = evaluate_timers(catalog, subject, now=self.now, due=due)
+        self.collect(loaded.row.dataset, outcome, Cause.TIME, ())
+
+    def force(
+        self,
+        key: Key,
+        segment_id: str,
+        member: bool,
+        version: int,
+        cause: Cause,
+        recheck_after: int | None,
+    ) -> None:
+        loaded = self.loaded[key]
+        subject = loaded.subject
+        catalog = self.catalogs[loaded.row.dataset]
+        view_time = loaded.row.view_time
+        recheck = recheck_after is not None and view_time is not None and view_time > recheck_after
+        # Parsing a view is the cost of a forced change: only when something evaluates.
+        name = segment_name(loaded.row.dataset, segment_id)
+        needed = (
+            recheck
+            or catalog.dependents(segment_id)
+            or catalog.affected_rollups([segment_dependency(name)])
+        )
+        subject.view = loaded.current_view() if needed else None
+        if recheck:
+            # Changed after the backfill's query: the stored view is newer than its answer.
+            segment = catalog.segments.get(segment_id)
+            if segment is None or segment.rule is None:
+                return
+            member = segment.rule.matches(
+                subject.view, self.now, subject.segment_names(), subject.rollup_counts
+            )
+        if member == (segment_id in subject.memberships):
+            return
+        outcome = apply_forced(
+            catalog, subject, now=self.now, cause=cause, forced={segment_id: (member, version)}
+        )
+        self.collect(loaded.row.dataset, outcome, cause, ())
+
+    def refresh_timer(self, key: Key, segment_id: str) -> None:
+        loaded = self.loaded[key]
+        if loaded.row.view is None:
+            return
+        loaded.subject.view = loaded.current_view()
+        refresh_timer(self.catalogs[loaded.row.dataset], loaded.subject, segment_id, now=self.now)
+
+    def recount(self, key: Key, rollups: Sequence[str]) -> None:
+        loaded = self.loaded[key]
+        if loaded.row.view is None or loaded.row.erased:
+            return
+        loaded.subject.view = loaded.current_view()
+        outcome = recount_rollups(
+            self.catalogs[loaded.row.dataset], loaded.subject, rollups, now=self.now
+        )
+        self.collect(loaded.row.dataset, outcome, Cause.BACKFILL, ())
+
+    async def settle_accounts(
+        self,
+        own: Mapping[Key, Sequence[ProfileChange]] | None = None,
+        due: Sequence[Key] = (),
+    ) -> None:
+        """Loads the accounts this unit affects and evaluates them: their own changes,
+        their due timers, and the roll-up counts that users of theirs changed."""
+        if due:
+            await self.load(due, skip_locked=True)
+        own = own or {}
+        triggered = [(dataset, int(Kind.ACCOUNT), account) for dataset, account in self.triggers]
+        await self.load([*own, *triggered])
+        for (dataset, account_id), delta in self._account_deltas().items():
+            counts = self.loaded[(dataset, int(Kind.ACCOUNT), account_id)].subject.rollup_counts
+            for rollup, change_of_count in delta.items():
+                counts[rollup] = counts.get(rollup, 0) + change_of_count
+        for key, changes in own.items():
+            for change in changes:
+                self.profile_change(key, change)
+        for key in due:
+            if key in self.loaded:
+                self.timers(key)
+        for (dataset, account_id), trigger in sorted(self.triggers.items()):
+            loaded = self.loaded[(dataset, int(Kind.ACCOUNT), account_id)]
+            subject = loaded.subject
+            subject.view = loaded.current_view()
+            outcome = evaluate_change(
+                self.catalogs[dataset],
+                subject,
+                now=self.now,
+                cause=trigger.cause,
+                event_ids=tuple(dict.fromkeys(trigger.event_ids)),
+                keys=rollup_keys(trigger.keys),
+                before=Before(
+                    subject.view,
+                    self.now,
+                    frozenset(subject.segment_names()),
+                    loaded.counts,
+                ),
+            )
+            self.changes.extend((dataset, change) for change in outcome.changes)
+
+    def _account_deltas(self) -> dict[tuple[str, str], dict[str, int]]:
+        found: defaultdict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+        for dataset, deltas in self.deltas.items():
+            for (account_id, key), delta in deltas.items():
+                found[(dataset, account_id)][key] = delta
+        return found
+
+    async def write(self) -> Committed:
+        batch = WriteBatch()
+        members: set[Key] = set()
+        for key, loaded in self.loaded.items():
+            row, subject = loaded.row, loaded.subject
+            if loaded.state() != loaded.initial:
+                batch.subjects.append(
+                    SubjectWrite(
+                        key=key,
+                        sequence=row.sequence,
+                        view=row.view,
+                        view_time=row.view_time,
+                        account_id=subject.account_id,
+                        rollups=sorted(subject.rollups),
+                        erased=row.erased,
+                    )
+                )
+            if subject.memberships != loaded.memberships:
+                members.add(key)
+                batch.membership_diff(
+                    row.dataset, row.kind, row.subject_id, loaded.memberships, subject.memberships
+                )
+            batch.timer_diff(row.dataset, row.kind, row.subject_id, loaded.timers, subject.timers)
+        for dataset, deltas in self.deltas.items():
+            batch.add_rollup_deltas(dataset, deltas)
+        encode = self.processor.encode_reason
+        batch.changes = [
+            (dataset, change, encode(dataset, change.reason)) for dataset, change in self.changes
+        ]
+        logged = await self.processor.state.write(self.conn, batch)
+        earliest = min((timer[4] for timer in batch.timers_set), default=None)
+        return Committed(logged, members, earliest)
+
+
+class Processor:
+    """Runs evaluations in transactions.
+
+    Args:
+        pool: the PostgreSQL pool.
+        state: the subject-state store.
+        catalogs: compiled catalogs.
+        clock: the current time, microseconds since the epoch.
+        encode_reason: a reason as the bytes the log keeps.
+        on_commit: called after every commit (wake subscribers, drop cached answers).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        state: StateStore,
+        catalogs: Catalogs,
+        *,
+        clock: Callable[[], int],
+        encode_reason: Callable[[str, Reason], bytes],
+        on_commit: Sequence[CommitHook] = (),
+    ) -> None:
+        self.pool = pool
+        self.state = state
+        self.catalogs = catalogs
+        self.clock = clock
+        self.encode_reason = encode_reason
+        self.on_commit = list(on_commit)
+
+    async def _run(self, work: Callable[[_Unit], Awaitable[None]]) -> Committed:
+        for attempt in range(1, DEADLOCK_RETRIES + 1):
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    unit = _Unit(self, conn, self.clock())
+                    await work(unit)
+                    committed = await unit.write()
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+                _log.info("evaluation transaction lost a deadlock; running it again")
+                continue
+            for hook in self.on_commit:
+                hook(committed)
+            return committed
+        raise AssertionError("unreachable")
+
+    async def apply_changes(self, changes: Iterable[ProfileChange]) -> Committed:
+        """Applies profile changes from the bus, each subject's in sequence order."""
+        grouped: dict[Key, list[ProfileChange]] = {}
+        for change in changes:
+            if change.type not in (_UPDATED, _ERASED, _MERGED) or change.kind not in (1, 2):
+                _log.warning(
+                    "ignoring profile change of %s/%s with type %d and kind %d",
+                    change.dataset,
+                    change.profile_id,
+                    change.type,
+                    change.kind,
+                )
+                continue
+            key = (change.dataset, change.kind, change.profile_id)
+            grouped.setdefault(key, []).append(change)
+        for group in grouped.values():
+            group.sort(key=lambda c: c.sequence)
+        users = [key for key in grouped if key[1] == Kind.USER]
+        accounts = {key: grouped[key] for key in grouped if key[1] == Kind.ACCOUNT}
+
+        async def work(unit: _Unit) -> None:
+            await unit.load(users)
+            for key in users:
+                for change in grouped[key]:
+                    unit.profile_change(key, change)
+            await unit.settle_accounts(own=accounts)
+
+        return await self._run(work)
+
+    async def run_timers(self, keys: Sequence[Key]) -> Committed:
+        """Re-evaluates the due targets of subjects that no one else holds right now."""
+        users = [key for key in keys if key[1] == Kind.USER]
+        accounts = [key for key in keys if key[1] == Kind.ACCOUNT]
+
+        async def work(unit: _Unit) -> None:
+            for key in await unit.load(users, skip_locked=True):
+                unit.timers(key)
+            await unit.settle_accounts(due=accounts)
+
+        return await self._run(work)
+
+    async def force(
+        self,
+        dataset: str,
+        kind: Kind,
+        segment_id: str,
+        version: int,
+        cause: Cause,
+        decisions: Mapping[str, bool],
+        *,
+        recheck_after: int | None = None,
+    ) -> Committed:
+        """Sets memberships of one segment decided elsewhere, with their cascades.
+
+        Args:
+            decisions: subject id → whether it is a member.
+            recheck_after: for a backfill, the instant its query evaluated at: a subject
+                whose stored view is newer is evaluated from that view instead.
+        """
+        keys = [(dataset, int(kind), subject_id) for subject_id in sorted(decisions)]
+
+        async def work(unit: _Unit) -> None:
+            await unit.load(keys)
+            for key in keys:
+                unit.force(key, segment_id, decisions[key[2]], version, cause, recheck_after)
+            if kind is Kind.USER:
+                await unit.settle_accounts()
+
+        return await self._run(work)
+
+    async def ensure_timers(
+        self, dataset: str, kind: Kind, segment_id: str, subject_ids: Sequence[str]
+    ) -> Committed:
+        """Sets the subjects' timers for a time-dependent segment (after its backfill)."""
+        keys = [(dataset, int(kind), subject_id) for subject_id in sorted(subject_ids)]
+
+        async def work(unit: _Unit) -> None:
+            for key in await unit.load(keys):
+                unit.refresh_timer(key, segment_id)
+
+        return await self._run(work)
+
+    async def recount_rollups(
+        self, dataset: str, user_ids: Sequence[str], rollups: Sequence[str]
+    ) -> Committed:
+        """Evaluates users' contributions to roll-ups (when an account segment adds them)."""
+        keys = [(dataset, int(Kind.USER), user_id) for user_id in sorted(user_ids)]
+
+        async def work(unit: _Unit) -> None:
+            for key in await unit.load(keys):
+                unit.recount(key, rollups)
+            await unit.settle_accounts()
+
+        return await self._run(work)

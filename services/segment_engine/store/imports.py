@@ -1,0 +1,132 @@
+"""Uploads to imported segments: staged ids, and the joins and leaves they make."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+__all__ = ["ImportStore"]
+
+
+class ImportStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def begin(self, dataset: str, segment_id: str) -> int:
+        import_id: int = await self.pool.fetchval(
+            "INSERT INTO segment_engine.imports (dataset, segment_id) VALUES ($1, $2)"
+            " RETURNING import_id",
+            dataset,
+            segment_id,
+        )
+        return import_id
+
+    async def stage(self, import_id: int, ids: Sequence[str]) -> None:
+        await self.pool.execute(
+            "INSERT INTO segment_engine.import_ids (import_id, subject_id)"
+            " SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+            import_id,
+            list(ids),
+        )
+
+    async def end(self, import_id: int) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM segment_engine.import_ids WHERE import_id = $1", import_id
+            )
+            await conn.execute("DELETE FROM segment_engine.imports WHERE import_id = $1", import_id)
+
+    async def forget_older(self, seconds: float) -> None:
+        """Drops staged uploads abandoned by a process that died mid-upload."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            stale = await conn.fetch(
+                "DELETE FROM segment_engine.imports"
+                " WHERE start_time < now() - $1 * interval '1 second'"
+                " RETURNING import_id",
+                seconds,
+            )
+            if stale:
+                await conn.execute(
+                    "DELETE FROM segment_engine.import_ids WHERE import_id = ANY($1::bigint[])",
+                    [r[0] for r in stale],
+                )
+
+    async def joining(
+        self, import_id: int, dataset: str, segment_id: str, *, after: str, limit: int
+    ) -> list[str]:
+        """Staged ids that are not members, by id."""
+        records = await self.pool.fetch(
+            """
+            SELECT i.subject_id FROM segment_engine.import_ids AS i
+            WHERE i.import_id = $1 AND i.subject_id > $4
+              AND NOT EXISTS (SELECT 1 FROM segment_engine.memberships AS m WHERE m.dataset = $2
+                              AND m.segment_id = $3 AND m.subject_id = i.subject_id)
+            ORDER BY i.subject_id LIMIT $5
+            """,
+            import_id,
+            dataset,
+            segment_id,
+            after,
+            limit,
+        )
+        return [r[0] for r in records]
+
+    async def removing(
+        self, import_id: int, dataset: str, segment_id: str, *, after: str, limit: int
+    ) -> list[str]:
+        """Staged ids that are members, by id."""
+        records = await self.pool.fetch(
+            """
+            SELECT i.subject_id FROM segment_engine.import_ids AS i
+            JOIN segment_engine.memberships AS m ON m.dataset = $2 AND m.segment_id = $3
+                                 AND m.subject_id = i.subject_id
+            WHERE i.import_id = $1 AND i.subject_id > $4
+            ORDER BY i.subject_id LIMIT $5
+            """,
+            import_id,
+            dataset,
+            segment_id,
+            after,
+            limit,
+        )
+        return [r[0] for r in records]
+
+    async def unlisted(
+        self, import_id: int, dataset: str, segment_id: str, *, after: str, limit: int
+    ) -> list[str]:
+        """Members that are not staged, by id."""
+        records = await self.pool.fetch(
+            """
+            SELECT m.subject_id FROM segment_engine.memberships AS m
+            WHERE m.dataset = $2 AND m.segment_id = $3 AND m.subject_id > $4
+              AND NOT EXISTS (SELECT 1 FROM segment_engine.import_ids AS i WHERE i.import_id = $1
+                              AND i.subject_id = m.subject_id)
+            ORDER BY m.subject_id LIMIT $5
+            """,
+            import_id,
+            dataset,
+            segment_id,
+            after,
+            limit,
+        )
+        return [r[0] for r in records]
+
+    async def bump_version(self, dataset: str, segment_id: str, update_time: int) -> int | None:
+        """Raises an imported segment's version; None when it is gone."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            version = await conn.fetchval(
+                "UPDATE segment_engine.segments SET version = version + 1, revision = revision + 1,"
+                " update_time = timestamptz 'epoch' + $3 * interval '1 microsecond'"
+                " WHERE dataset = $1 AND segment_id = $2 AND NOT deleting RETURNING version",
+                dataset,
+                segment_id,
+                update_time,
+            )
+            if version is not None:
+                await conn.execute(
+                    "INSERT INTO segment_engine.catalogs AS c (dataset, revision) VALUES ($1, 1)"
+                    " ON CONFLICT (dataset) DO UPDATE SET revision = c.revision + 1",
+                    dataset,
+                )
+        return None if version is None else int(version)

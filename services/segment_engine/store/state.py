@@ -1,0 +1,517 @@
+"""Subjects, memberships, timers and roll-up counts, and the write of one evaluation batch
+(memberships, views, timers, counts, daily counters and the change log) in the caller's
+transaction.
+
+Lock order, which every writer keeps so that writers never deadlock: subject rows sorted by
+(dataset, kind, id) — users before accounts —, then daily counter rows, then log heads by
+dataset. A log head is the last lock taken and is held only for the insert of the log rows
+and the commit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from services.segment_engine.domain.model import Change, ChangeKind, Kind, Membership
+from services.segment_engine.store.sql import from_micros, micros
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "Key",
+    "LoggedChange",
+    "StateStore",
+    "SubjectRow",
+    "SubjectWrite",
+    "WriteBatch",
+    "notify_payload",
+    "parse_notify_payload",
+]
+
+Key = tuple[str, int, str]
+"""A subject: (dataset, kind, subject id)."""
+
+NOTIFY_CHANNEL = "segment_engine_changes"
+"""Postgres NOTIFY channel on which each commit that logged changes names its datasets."""
+
+_DAY = 86_400_000_000
+# NOTIFY payloads must stay under 8000 bytes.
+_NOTIFY_BUDGET = 7_000
+
+
+@dataclass(slots=True)
+class SubjectRow:
+    """A subject's stored state, read under its row lock."""
+
+    dataset: str
+    kind: Kind
+    subject_id: str
+    sequence: int
+    view: bytes | None
+    view_time: int | None
+    account_id: str | None
+    rollups: list[str]
+    erased: bool
+
+    @property
+    def key(self) -> Key:
+        return (self.dataset, int(self.kind), self.subject_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectWrite:
+    """A subject's new stored state."""
+
+    key: Key
+    sequence: int
+    view: bytes | None
+    view_time: int | None
+    account_id: str | None
+    rollups: Sequence[str]
+    erased: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedChange:
+    """A change as written to the log, with its position."""
+
+    dataset: str
+    seq: int
+    change: Change
+    reason: bytes
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Everything one transaction writes after evaluating a set of subjects."""
+
+    subjects: list[SubjectWrite] = field(default_factory=list)
+    # (dataset, segment id, subject id, kind, version, join time)
+    joins: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
+    # (dataset, segment id, subject id)
+    leaves: list[tuple[str, str, str]] = field(default_factory=list)
+    # (dataset, kind, subject id, target, due)
+    timers_set: list[tuple[str, int, str, str, int]] = field(default_factory=list)
+    # (dataset, kind, subject id, target)
+    timers_deleted: list[tuple[str, int, str, str]] = field(default_factory=list)
+    # (dataset, account id, roll-up key) → delta
+    rollup_deltas: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # (dataset, change, serialized ChangeReason), in the order to log them.
+    changes: list[tuple[str, Change, bytes]] = field(default_factory=list)
+
+    def membership_diff(
+        self,
+        dataset: str,
+        kind: Kind,
+        subject_id: str,
+        before: Mapping[str, Membership],
+        after: Mapping[str, Membership],
+    ) -> None:
+        for segment_id in before.keys() - after.keys():
+            self.leaves.append((dataset, segment_id, subject_id))
+        for segment_id, membership in after.items():
+            if before.get(segment_id) != membership:
+                self.joins.append(
+                    (
+                        dataset,
+                        segment_id,
+                        subject_id,
+                        int(kind),
+                        membership.version,
+                        membership.join_time,
+                    )
+                )
+
+    def timer_diff(
+        self,
+        dataset: str,
+        kind: Kind,
+        subject_id: str,
+        before: Mapping[str, int],
+        after: Mapping[str, int],
+    ) -> None:
+        for target in before.keys() - after.keys():
+            self.timers_deleted.append((dataset, int(kind), subject_id, target))
+        for target, due in after.items():
+            if before.get(target) != due:
+                self.timers_set.append((dataset, int(kind), subject_id, target, due))
+
+    def add_rollup_deltas(self, dataset: str, deltas: Mapping[tuple[str, str], int]) -> None:
+        for (account_id, key), delta in deltas.items():
+            slot = (dataset, account_id, key)
+            total = self.rollup_deltas.get(slot, 0) + delta
+            if total:
+                self.rollup_deltas[slot] = total
+            else:
+                self.rollup_deltas.pop(slot, None)
+
+
+def _columns(keys: Iterable[Key]) -> tuple[list[str], list[int], list[str]]:
+    datasets: list[str] = []
+    kinds: list[int] = []
+    ids: list[str] = []
+    for dataset, kind, subject_id in keys:
+        datasets.append(dataset)
+        kinds.append(kind)
+        ids.append(subject_id)
+    return datasets, kinds, ids
+
+
+_SUBJECT_COLUMNS = (
+    "s.dataset, s.kind, s.subject_id, s.sequence, s.view, "
+    f"{micros('s.view_time')} AS view_time, s.account_id, s.rollups, s.erased"
+)
+
+_LOCK = f"""
+SELECT {_SUBJECT_COLUMNS}
+FROM segment_engine.subjects AS s
+JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
+  ON s.dataset = k.dataset AND s.kind = k.kind AND s.subject_id = k.subject_id
+ORDER BY s.dataset, s.kind, s.subject_id
+FOR UPDATE OF s
+"""
+
+_LOCK_SKIP = _LOCK.replace("FOR UPDATE OF s", "FOR UPDATE OF s SKIP LOCKED")
+
+_CREATE = """
+INSERT INTO segment_engine.subjects (dataset, kind, subject_id)
+SELECT * FROM unnest($1::text[], $2::smallint[], $3::text[])
+ON CONFLICT DO NOTHING
+"""
+
+
+def _row(record: asyncpg.Record) -> SubjectRow:
+    return SubjectRow(
+        dataset=record["dataset"],
+        kind=Kind(record["kind"]),
+        subject_id=record["subject_id"],
+        sequence=record["sequence"],
+        view=record["view"],
+        view_time=record["view_time"],
+        account_id=record["account_id"],
+        rollups=list(record["rollups"]),
+        erased=record["erased"],
+    )
+
+
+class StateStore:
+    """Reads and writes subjects' evaluation state inside the caller's transaction.
+
+    Args:
+        origin: names this process in its commit notifications, so it can tell its own.
+    """
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    async def lock(self, conn: asyncpg.Connection, keys: Iterable[Key]) -> dict[Key, SubjectRow]:
+        """Locks the subjects (creating empty rows for unknown ones) in key order."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        found = {row.key: row for row in map(_row, await conn.fetch(_LOCK, *_columns(wanted)))}
+        missing = [key for key in wanted if key not in found]
+        if missing:
+            # Created rows are locked by the insert; a racing creator waits on the unique
+            # index until this transaction ends, then finds the row.
+            await conn.execute(_CREATE, *_columns(missing))
+            for record in await conn.fetch(_LOCK, *_columns(missing)):
+                row = _row(record)
+                found[row.key] = row
+        return found
+
+    async def try_lock(
+        self, conn: asyncpg.Connection, keys: Iterable[Key]
+    ) -> dict[Key, SubjectRow]:
+        """Locks the subjects that no one else holds and that exist; skips the others."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        records = await conn.fetch(_LOCK_SKIP, *_columns(wanted))
+        return {row.key: row for row in map(_row, records)}
+
+    async def memberships(
+        self, conn: asyncpg.Connection, keys: Sequence[Key]
+    ) -> dict[Key, dict[str, Membership]]:
+        result: dict[Key, dict[str, Membership]] = {key: {} for key in keys}
+        if not keys:
+            return result
+        records = await conn.fetch(
+            f"""
+            SELECT m.dataset, m.kind, m.subject_id, m.segment_id, m.version,
+                   {micros("m.join_time")} AS join_time
+            FROM segment_engine.memberships AS m
+            JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
+              ON m.dataset = k.dataset AND m.kind = k.kind AND m.subject_id = k.subject_id
+            """,
+            *_columns(keys),
+        )
+        for r in records:
+            result[(r["dataset"], r["kind"], r["subject_id"])][r["segment_id"]] = Membership(
+                r["version"], r["join_time"]
+            )
+        return result
+
+    async def timers(
+        self, conn: asyncpg.Connection, keys: Sequence[Key]
+    ) -> dict[Key, dict[str, int]]:
+        result: dict[Key, dict[str, int]] = {key: {} for key in keys}
+        if not keys:
+            return result
+        records = await conn.fetch(
+            f"""
+            SELECT t.dataset, t.kind, t.subject_id, t.target, {micros("t.due")} AS due
+            FROM segment_engine.timers AS t
+            JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
+              ON t.dataset = k.dataset AND t.kind = k.kind AND t.subject_id = k.subject_id
+            """,
+            *_columns(keys),
+        )
+        for r in records:
+            result[(r["dataset"], r["kind"], r["subject_id"])][r["target"]] = r["due"]
+        return result
+
+    async def rollup_counts(
+        self, conn: asyncpg.Connection, accounts: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, int]]:
+        """Roll-up counts per (dataset, account id)."""
+        result: dict[tuple[str, str], dict[str, int]] = {account: {} for account in accounts}
+        if not accounts:
+            return result
+        records = await conn.fetch(
+            """
+            SELECT c.dataset, c.account_id, c.rollup_key, c.count
+            FROM segment_engine.rollup_counts AS c
+            JOIN unnest($1::text[], $2::text[]) AS k(dataset, account_id)
+              ON c.dataset = k.dataset AND c.account_id = k.account_id
+            """,
+            [dataset for dataset, _ in accounts],
+            [account for _, account in accounts],
+        )
+        for r in records:
+            result[(r["dataset"], r["account_id"])][r["rollup_key"]] = r["count"]
+        return result
+
+    async def catalog_revisions(
+        self, conn: asyncpg.Connection, datasets: Iterable[str]
+    ) -> dict[str, int]:
+        names = sorted(set(datasets))
+        records = await conn.fetch(
+            "SELECT dataset, revision FROM segment_engine.catalogs WHERE dataset = ANY($1::text[])",
+            names,
+        )
+        found = {r["dataset"]: r["revision"] for r in records}
+        return {dataset: found.get(dataset, 0) for dataset in names}
+
+    async def write(self, conn: asyncpg.Connection, batch: WriteBatch) -> list[LoggedChange]:
+        """Writes a batch in the caller's transaction; returns the logged changes with their
+        log positions. The subjects must be locked by this transaction."""
+        if batch.subjects:
+            writes = sorted(batch.subjects, key=lambda w: w.key)
+            datasets, kinds, ids = _columns(w.key for w in writes)
+            await conn.execute(
+                f"""
+                UPDATE segment_engine.subjects AS s SET
+                    sequence = u.sequence, view = u.view,
+                    view_time = {from_micros("u.view_time")},
+                    account_id = u.account_id, rollups = u.rollups::text[], erased = u.erased
+                FROM unnest($1::text[], $2::smallint[], $3::text[], $4::bigint[], $5::bytea[],
+                            $6::bigint[], $7::text[], $8::text[], $9::bool[])
+                     AS u(dataset, kind, subject_id, sequence, view, view_time, account_id,
+                          rollups, erased)
+                WHERE s.dataset = u.dataset AND s.kind = u.kind AND s.subject_id = u.subject_id
+                """,
+                datasets,
+                kinds,
+                ids,
+                [w.sequence for w in writes],
+                [w.view for w in writes],
+                [w.view_time for w in writes],
+                [w.account_id for w in writes],
+                # A text[] per row does not fit a 2-D array of uneven rows: sent as literals.
+                [_text_array(w.rollups) for w in writes],
+                [w.erased for w in writes],
+            )
+        if batch.leaves:
+            await conn.execute(
+                """
+                DELETE FROM segment_engine.memberships AS m
+                USING unnest($1::text[], $2::text[], $3::text[]) AS d(dataset, segment_id,
+                                                                      subject_id)
+                WHERE m.dataset = d.dataset AND m.segment_id = d.segment_id
+                  AND m.subject_id = d.subject_id
+                """,
+                *map(list, zip(*batch.leaves, strict=True)),
+            )
+        if batch.joins:
+            await conn.execute(
+                f"""
+                INSERT INTO segment_engine.memberships (dataset, segment_id, subject_id, kind,
+                                                        version,
+                                         join_time)
+                SELECT j.dataset, j.segment_id, j.subject_id, j.kind, j.version,
+                       {from_micros("j.join_time")}
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::bigint[],
+                            $6::bigint[]) AS j(dataset, segment_id, subject_id, kind, version,
+                                               join_time)
+                ON CONFLICT (dataset, segment_id, subject_id) DO UPDATE
+                SET version = EXCLUDED.version, join_time = EXCLUDED.join_time
+                """,
+                *map(list, zip(*batch.joins, strict=True)),
+            )
+        if batch.timers_deleted:
+            await conn.execute(
+                """
+                DELETE FROM segment_engine.timers AS t
+                USING unnest($1::text[], $2::smallint[], $3::text[], $4::text[])
+                      AS d(dataset, kind, subject_id, target)
+                WHERE t.dataset = d.dataset AND t.kind = d.kind
+                  AND t.subject_id = d.subject_id AND t.target = d.target
+                """,
+                *map(list, zip(*batch.timers_deleted, strict=True)),
+            )
+        if batch.timers_set:
+            await conn.execute(
+                f"""
+                INSERT INTO segment_engine.timers (dataset, kind, subject_id, target, due)
+                SELECT t.dataset, t.kind, t.subject_id, t.target, {from_micros("t.due")}
+                FROM unnest($1::text[], $2::smallint[], $3::text[], $4::text[], $5::bigint[])
+                     AS t(dataset, kind, subject_id, target, due)
+                ON CONFLICT (dataset, kind, subject_id, target) DO UPDATE SET due = EXCLUDED.due
+                """,
+                *map(list, zip(*batch.timers_set, strict=True)),
+            )
+        if batch.rollup_deltas:
+            items = sorted(batch.rollup_deltas.items())
+            await conn.execute(
+                """
+                INSERT INTO segment_engine.rollup_counts AS c
+                    (dataset, account_id, rollup_key, count)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+                ON CONFLICT (dataset, account_id, rollup_key) DO UPDATE
+                SET count = c.count + EXCLUDED.count
+                """,
+                [slot[0] for slot, _ in items],
+                [slot[1] for slot, _ in items],
+                [slot[2] for slot, _ in items],
+                [delta for _, delta in items],
+            )
+        if not batch.changes:
+            return []
+        await self._count_days(conn, batch.changes)
+        return await self._log(conn, batch.changes)
+
+    async def _count_days(
+        self, conn: asyncpg.Connection, changes: Sequence[tuple[str, Change, bytes]]
+    ) -> None:
+        counters: defaultdict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0])
+        for dataset, change, _ in changes:
+            slot = counters[(dataset, change.segment_id, change.time // _DAY)]
+            slot[0 if change.change is ChangeKind.JOIN else 1] += 1
+        items = sorted(counters.items())
+        await conn.execute(
+            """
+            INSERT INTO segment_engine.segment_days AS d (dataset, segment_id, day, joins, leaves)
+            SELECT u.dataset, u.segment_id, date '1970-01-01' + u.day, u.joins, u.leaves
+            FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::bigint[])
+                 AS u(dataset, segment_id, day, joins, leaves)
+            ON CONFLICT (dataset, segment_id, day) DO UPDATE
+            SET joins = d.joins + EXCLUDED.joins, leaves = d.leaves + EXCLUDED.leaves
+            """,
+            [slot[0] for slot, _ in items],
+            [slot[1] for slot, _ in items],
+            [slot[2] for slot, _ in items],
+            [counts[0] for _, counts in items],
+            [counts[1] for _, counts in items],
+        )
+
+    async def _log(
+        self, conn: asyncpg.Connection, changes: Sequence[tuple[str, Change, bytes]]
+    ) -> list[LoggedChange]:
+        by_dataset: defaultdict[str, list[tuple[Change, bytes]]] = defaultdict(list)
+        for dataset, change, reason in changes:
+            by_dataset[dataset].append((change, reason))
+        logged: list[LoggedChange] = []
+        for dataset in sorted(by_dataset):
+            entries = by_dataset[dataset]
+            # The head's row lock, held to the commit, orders allocation with commit.
+            last = await conn.fetchval(
+                """
+                INSERT INTO segment_engine.log_heads AS h (dataset, last_seq) VALUES ($1, $2)
+                ON CONFLICT (dataset) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq
+                RETURNING last_seq
+                """,
+                dataset,
+                len(entries),
+            )
+            first = last - len(entries) + 1
+            await conn.execute(
+                f"""
+                INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
+                                                    segment_version,
+                                     change, change_time, reason)
+                SELECT $1, c.seq, c.kind, c.subject_id, c.segment_id, c.segment_version,
+                       c.change, {from_micros("c.change_time")}, c.reason
+                FROM unnest($2::bigint[], $3::smallint[], $4::text[], $5::text[], $6::bigint[],
+                            $7::smallint[], $8::bigint[], $9::bytea[])
+                     AS c(seq, kind, subject_id, segment_id, segment_version, change,
+                          change_time, reason)
+                """,
+                dataset,
+                list(range(first, last + 1)),
+                [int(c.kind) for c, _ in entries],
+                [c.subject_id for c, _ in entries],
+                [c.segment_id for c, _ in entries],
+                [c.segment_version for c, _ in entries],
+                [int(c.change) for c, _ in entries],
+                [c.time for c, _ in entries],
+                [reason for _, reason in entries],
+            )
+            await conn.execute(
+                "SELECT pg_notify($1, $2)",
+                NOTIFY_CHANNEL,
+                notify_payload(self.origin, dataset, ((c.kind, c.subject_id) for c, _ in entries)),
+            )
+            logged.extend(
+                LoggedChange(dataset, first + index, change, reason)
+                for index, (change, reason) in enumerate(entries)
+            )
+        return logged
+
+
+def notify_payload(origin: str, dataset: str, members: Iterable[tuple[int, str]]) -> str:
+    """The NOTIFY payload of a commit: the writing process's origin, the dataset, then
+    ``kind:id`` per member whose memberships changed, one a line (``*`` instead of the
+    members when they do not fit)."""
+    lines = [origin, dataset]
+    size = len(origin) + len(dataset) + 1
+    for kind, subject_id in dict.fromkeys(members):
+        line = f"{int(kind)}:{subject_id}"
+        size += len(line.encode()) + 1
+        if size > _NOTIFY_BUDGET:
+            return f"{origin}\n{dataset}\n*"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_notify_payload(payload: str) -> tuple[str, str, list[tuple[int, str]] | None]:
+    """The origin, dataset and members of a payload; None for the members when they did
+    not fit."""
+    origin, _, payload = payload.partition("\n")
+    dataset, _, rest = payload.partition("\n")
+    if rest == "*":
+        return origin, dataset, None
+    members: list[tuple[int, str]] = []
+    for line in rest.split("\n") if rest else ():
+        kind, _, subject_id = line.partition(":")
+        members.append((int(kind), subject_id))
+    return origin, dataset, members
+
+
+def _text_array(values: Sequence[str]) -> str:
+    """A Postgres array literal of strings, every element quoted and escaped."""
+    quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+    return "{" + ",".join(quoted) + "}"

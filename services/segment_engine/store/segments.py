@@ -292,7 +292,7 @@ class SegmentStore:
         async with self.pool.acquire() as conn:
             base = await conn.fetchval(
                 "SELECT coalesce(sum(joins - leaves), 0)::bigint FROM segment_engine.segment_days"
-                " WHERE dataset = $1 AND segment_id = $2 AND day < date '1970-01-01' + $3",
+                " WHERE dataset = $1 AND segment_id = $2 AND day < date '1970-01-01' + $3::int",
                 dataset,
                 segment_id,
                 first_day,
@@ -300,7 +300,7 @@ class SegmentStore:
             records = await conn.fetch(
                 "SELECT (day - date '1970-01-01') AS day, joins, leaves"
                 " FROM segment_engine.segment_days"
-                " WHERE dataset = $1 AND segment_id = $2 AND day >= date '1970-01-01' + $3"
+                " WHERE dataset = $1 AND segment_id = $2 AND day >= date '1970-01-01' + $3::int"
                 " ORDER BY day",
                 dataset,
                 segment_id,

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -37,13 +37,18 @@ from audience.v1 import (
 PROFILE_CHANGES = "profile-changes"
 
 
+def fake_profiles() -> FakeProfiles:
+    return FakeProfiles()  # type: ignore[abstract]
+
+
 def now_micros() -> int:
     return time.time_ns() // 1000
 
 
 @dataclass
-class FakeProfiles:
-    """Views by (dataset, kind, id); rule queries evaluated over them."""
+class FakeProfiles(profile_service_pb2_grpc.ProfileServiceServicer):
+    """Views by (dataset, kind, id); rule queries evaluated over them. The other methods
+    answer UNIMPLEMENTED (the generated base class)."""
 
     views: dict[tuple[str, int, str], profile_change_pb2.EvaluationView] = field(
         default_factory=dict
@@ -125,9 +130,7 @@ def fake_profile_definition(fake: FakeProfiles) -> ServiceDefinition:
             name="fake-profile",
             service_names=("audience.v1.ProfileService",),
             add_to_server=lambda server: (
-                profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(
-                    cast(Any, fake), server
-                )
+                profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(fake, server)
             ),
         )
 

@@ -6,15 +6,15 @@ from services.segment_engine.app import DEFINITION
 from tests.e2e.conftest import StartSuite, new_dataset
 from tests.e2e.segment_engine.harness import (
     Clients,
-    FakeProfiles,
     Feed,
     attributes_view,
     fake_profile_definition,
+    fake_profiles,
 )
 
 
 async def test_smoke(start_suite: StartSuite) -> None:
-    fake = FakeProfiles()
+    fake = fake_profiles()
     async with start_suite([DEFINITION, fake_profile_definition(fake)]) as suite:
         dataset = new_dataset()
         clients = Clients(suite.channel)

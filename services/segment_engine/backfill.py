@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import asyncpg
+import grpc
 
 from audience.errors import AudienceError
 from services.segment_engine.catalogs import Catalogs
@@ -37,6 +39,11 @@ from services.segment_engine.store.segments import SegmentStore, work_lock_key
 __all__ = ["Backfiller"]
 
 _log = logging.getLogger(__name__)
+
+# A backfill that fails for a passing reason is tried this many times, backing off.
+_ATTEMPTS = 6
+_RETRY_BASE = 0.5
+_RETRY_MAX = 60.0
 
 
 class _SupersededError(Exception):
@@ -77,9 +84,13 @@ class Backfiller:
         self._aggregate_wait = aggregate_wait
         self._clock = clock
         self._wake = asyncio.Event()
+        # Backfills that failed for a reason that may pass (the profile service down).
+        self._attempts: dict[tuple[str, str, int], int] = {}
+        self._not_before: dict[tuple[str, str], float] = {}
 
     def wake(self) -> None:
         """Looks for work now (a segment was created, edited or deleted here)."""
+        self._not_before.clear()
         self._wake.set()
 
     async def run(self) -> NoReturn:
@@ -97,6 +108,8 @@ class Backfiller:
     async def run_once(self) -> bool:
         """Works on the first pending segment no other replica holds; False when none."""
         for dataset, segment_id, deleting in await self._segments.pending():
+            if self._not_before.get((dataset, segment_id), 0.0) > time.monotonic():
+                continue
             async with self._pool.acquire() as conn:
                 key = work_lock_key(dataset, segment_id)
                 if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
@@ -156,11 +169,27 @@ class Backfiller:
             _log.info("backfill of %s/%s version %d superseded", dataset, segment_id, version)
             return
         except AudienceError as error:
+            attempt = self._attempts.get((dataset, segment_id, version), 0) + 1
+            if error.code == grpc.StatusCode.UNAVAILABLE and attempt < _ATTEMPTS:
+                delay = min(_RETRY_BASE * 2**attempt, _RETRY_MAX)
+                _log.warning(
+                    "backfill of %s/%s version %d failed (%s); retrying in %.0f s",
+                    dataset,
+                    segment_id,
+                    version,
+                    error.message,
+                    delay,
+                )
+                self._attempts[(dataset, segment_id, version)] = attempt
+                self._not_before[(dataset, segment_id)] = time.monotonic() + delay
+                return
             _log.warning("backfill of %s/%s failed: %s", dataset, segment_id, error.message)
+            self._attempts.pop((dataset, segment_id, version), None)
             await self._segments.finish_backfill(
                 dataset, segment_id, version, self._clock(), error.message or error.reason
             )
             return
+        self._attempts.pop((dataset, segment_id, version), None)
         await self._segments.finish_backfill(dataset, segment_id, version, self._clock())
         _log.info("segment %s/%s version %d backfilled", dataset, segment_id, version)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from audience.cli.export import export
+from audience.cli.segments import explain, members, segments, watch
 from audience.cli.suite import health, migrate, up
 
 
@@ -22,6 +23,10 @@ cli.add_command(up)
 cli.add_command(health)
 cli.add_command(migrate)
 cli.add_command(export)
+cli.add_command(segments)
+cli.add_command(watch)
+cli.add_command(explain)
+cli.add_command(members)
 
 
 def main() -> None:

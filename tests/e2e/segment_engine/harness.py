@@ -245,6 +245,7 @@ class Clients:
                 )
             ).segment
             if segment.state != segment_pb2.SEGMENT_STATE_BACKFILLING:
+                assert segment.state == segment_pb2.SEGMENT_STATE_ACTIVE, segment.backfill.error
                 return segment
             assert time.monotonic() < deadline, f"{name} still backfilling: {segment.backfill}"
             await asyncio.sleep(0.05)

@@ -5,7 +5,7 @@ for a wake-up when it has caught up. Nothing is pushed to subscribers, so a slow
 falls behind in the log and holds up no one (DESIGN.md: a slow subscriber cannot stall the
 engine or the others); one that falls behind the retention is told its position expired.
 
-Wake-ups (docs/adr/0004): a commit in this process wakes its subscribers at once; a commit
+Wake-ups (docs/adr/0003): a commit in this process wakes its subscribers at once; a commit
 in another replica reaches them through PostgreSQL ``LISTEN``/``NOTIFY``, which is
 delivered only after the commit, so a woken subscriber finds the changes committed. A
 subscriber also reads every second whatever happens, so a wake-up lost while the listening

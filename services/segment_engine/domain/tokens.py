@@ -1,4 +1,4 @@
-"""Resume tokens of the membership change stream (see docs/adr/0004).
+"""Resume tokens of the membership change stream (see docs/adr/0003).
 
 A token names a position in one dataset's change log: every change with a log sequence
 number at or below ``sequence`` has been delivered. It is opaque to clients: URL-safe

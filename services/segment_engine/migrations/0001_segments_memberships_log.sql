@@ -102,7 +102,7 @@ CREATE TABLE rollup_counts (
 
 -- The head of each dataset's change log. Writers allocate log sequence numbers by updating
 -- this row, which they hold locked until they commit: numbers are committed in the order
--- they are allocated, so a reader never passes one that commits later (docs/adr/0004).
+-- they are allocated, so a reader never passes one that commits later (docs/adr/0003).
 CREATE TABLE log_heads (
     dataset    text COLLATE "C" PRIMARY KEY,
     last_seq   bigint NOT NULL,

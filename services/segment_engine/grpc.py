@@ -330,10 +330,15 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
             page, more = rows[:size], len(rows) > size
         else:
             after = decode_page_token(request.page_token) if request.page_token else ""
-            found, more = await self._memberships.of_member(
+            found = await self._memberships.of_member(
                 dataset, kind, subject_id, page_size=size, after=after
             )
-            page = list(found)
+            cached: membership_service_pb2.ListMembershipsResponse | None = found.renders.get(
+                request.parent
+            )
+            if cached is not None:
+                return cached
+            page, more = list(found.items), found.more
         member = request.parent
         for segment_id, membership in page:
             message = response.memberships.add(
@@ -345,6 +350,9 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
                 message.join_time.CopyFrom(timestamp(membership.join_time))
         if more and page:
             response.next_page_token = page_token(page[-1][0])
+        elif not request.HasField("read_time"):
+            # Kept with the cached memberships; grpc only reads it to serialize.
+            found.renders[request.parent] = response
         return response
 
     async def CheckMembership(  # noqa: N802

@@ -7,7 +7,7 @@ import base64
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from audience.errors import FieldViolation, invalid_argument, not_found, out_of_range
@@ -20,7 +20,14 @@ from services.segment_engine.store.members import MemberStore
 from services.segment_engine.store.segments import SegmentStore
 from services.segment_engine.store.state import Key
 
-__all__ = ["Explanation", "MembershipCache", "Memberships", "decode_page_token", "page_token"]
+__all__ = [
+    "Explanation",
+    "MemberPage",
+    "MembershipCache",
+    "Memberships",
+    "decode_page_token",
+    "page_token",
+]
 
 _SEGMENT_TYPE = "audience.dev/Segment"
 
@@ -40,6 +47,20 @@ def decode_page_token(token: str, field: str = "page_token") -> str:
         ) from None
 
 
+@dataclass(slots=True)
+class MemberPage:
+    """A page of a member's memberships, by segment id.
+
+    Attributes:
+        renders: a cached page's memo for its presentations (the gRPC response), dropped
+            with the page when a commit changes the member; empty on an uncached page.
+    """
+
+    items: tuple[tuple[str, Membership], ...]
+    more: bool
+    renders: dict[str, Any] = field(default_factory=dict)
+
+
 class MembershipCache:
     """A member's memberships, cached until a commit changes them.
 
@@ -52,9 +73,7 @@ class MembershipCache:
         self._size = size
         self._ttl = ttl
         self._clock = clock
-        self._entries: OrderedDict[Key, tuple[float, tuple[tuple[str, Membership], ...]]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[Key, tuple[float, MemberPage]] = OrderedDict()
         self._epoch = 0
         self._dirty: dict[Key, int] = {}
         self._cleared = 0
@@ -62,7 +81,7 @@ class MembershipCache:
     def epoch(self) -> int:
         return self._epoch
 
-    def get(self, key: Key) -> tuple[tuple[str, Membership], ...] | None:
+    def get(self, key: Key) -> MemberPage | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -72,7 +91,7 @@ class MembershipCache:
         self._entries.move_to_end(key)
         return entry[1]
 
-    def put(self, key: Key, value: tuple[tuple[str, Membership], ...], epoch: int) -> None:
+    def put(self, key: Key, value: MemberPage, epoch: int) -> None:
         if self._size <= 0 or self._cleared > epoch or self._dirty.get(key, -1) > epoch:
             return
         self._entries[key] = (self._clock() + self._ttl, value)
@@ -141,22 +160,23 @@ class Memberships:
 
     async def of_member(
         self, dataset: str, kind: Kind, subject_id: str, *, page_size: int, after: str
-    ) -> tuple[tuple[tuple[str, Membership], ...], bool]:
-        """A page of the member's memberships by segment id, and whether more follow."""
+    ) -> MemberPage:
+        """A page of the member's memberships by segment id."""
         key = (dataset, int(kind), subject_id)
         if not after:
             cached = self._cache.get(key)
             if cached is not None:
-                return cached[:page_size], len(cached) > page_size
+                if len(cached.items) <= page_size:
+                    return cached
+                return MemberPage(cached.items[:page_size], True)
         epoch = self._cache.epoch()
         rows = await self._members.of_member(
             dataset, kind, subject_id, after=after, limit=page_size + 1
         )
-        found = tuple(rows[:page_size])
-        more = len(rows) > page_size
-        if not after and not more:
-            self._cache.put(key, found, epoch)
-        return found, more
+        page = MemberPage(tuple(rows[:page_size]), len(rows) > page_size)
+        if not after and not page.more:
+            self._cache.put(key, page, epoch)
+        return page
 
     async def at(
         self, dataset: str, kind: Kind, subject_id: str, read_time: int

@@ -13,7 +13,7 @@ from services.segment_engine.domain.model import (
     parse_segment,
 )
 from services.segment_engine.domain.tokens import decode_token, encode_token
-from services.segment_engine.memberships import MembershipCache
+from services.segment_engine.memberships import MemberPage, MembershipCache
 from services.segment_engine.segments import _CsvIds
 from services.segment_engine.store.state import notify_payload, parse_notify_payload
 
@@ -54,7 +54,7 @@ def test_a_notification_names_the_changed_members_or_says_it_could_not() -> None
 def test_the_cache_keeps_an_answer_until_the_member_changes() -> None:
     cache = MembershipCache(10, 60.0)
     key = ("shop", 1, "p1")
-    value = (("vip", Membership(1, 5)),)
+    value = MemberPage((("vip", Membership(1, 5)),), False)
     cache.put(key, value, cache.epoch())
     assert cache.get(key) == value
     cache.invalidate([key])
@@ -66,29 +66,29 @@ def test_a_read_racing_a_commit_is_not_cached() -> None:
     key = ("shop", 1, "p1")
     epoch = cache.epoch()  # the read starts
     cache.invalidate([key])  # a commit changes the member meanwhile
-    cache.put(key, (), epoch)  # the read's (stale) answer arrives
+    cache.put(key, MemberPage((), False), epoch)  # the read's (stale) answer arrives
     assert cache.get(key) is None
     fresh = cache.epoch()
-    cache.put(key, (), fresh)
-    assert cache.get(key) == ()
+    cache.put(key, MemberPage((), False), fresh)
+    assert cache.get(key) == MemberPage((), False)
 
 
 def test_the_cache_forgets_entries_past_their_time_and_size() -> None:
     now = [0.0]
     cache = MembershipCache(2, 1.0, clock=lambda: now[0])
     for n in range(3):
-        cache.put(("shop", 1, f"p{n}"), (), cache.epoch())
+        cache.put(("shop", 1, f"p{n}"), MemberPage((), False), cache.epoch())
     assert cache.get(("shop", 1, "p0")) is None
-    assert cache.get(("shop", 1, "p2")) == ()
+    assert cache.get(("shop", 1, "p2")) is not None
     now[0] = 2.0
     assert cache.get(("shop", 1, "p2")) is None
 
 
 def test_a_foreign_commit_without_members_clears_the_cache() -> None:
     cache = MembershipCache(10, 60.0)
-    cache.put(("shop", 1, "p1"), (), cache.epoch())
+    cache.put(("shop", 1, "p1"), MemberPage((), False), cache.epoch())
     cache.foreign_commit("shop", [(1, "p2")])
-    assert cache.get(("shop", 1, "p1")) == ()
+    assert cache.get(("shop", 1, "p1")) is not None
     cache.foreign_commit("shop", None)
     assert cache.get(("shop", 1, "p1")) is None
 

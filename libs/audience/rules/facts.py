@@ -224,8 +224,9 @@ def facts_from_event(event: event_pb2.Event, previous_cart: event_pb2.Cart | Non
     props = attributes_from_proto(event.properties)
     facts: list[Fact] = []
     if event.type == _E.EVENT_TYPE_PAGE:
-        for key, value in context.get("page", {}).items():  # type: ignore[union-attr]
-            props.setdefault(key, value)
+        page = context.get("page")
+        if isinstance(page, dict):
+            props.update(page)
     elif event.type == _E.EVENT_TYPE_CART_UPDATED:
         cart = event.cart
         props["value"] = cart_value(cart)

@@ -344,6 +344,33 @@ class AggregateSpec(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[AggregateSpec._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: AggregateSpec._State.ValueType  # 0
+        """Not set."""
+        STATE_BACKFILLING: AggregateSpec._State.ValueType  # 1
+        """Being filled from the event history in the background. Events applied meanwhile are
+        counted, but profiles not yet reached lack their older events.
+        """
+        STATE_READY: AggregateSpec._State.ValueType  # 2
+        """Every profile's buckets hold all of its history within the retention."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Where an aggregate is in its life."""
+
+    STATE_UNSPECIFIED: AggregateSpec.State.ValueType  # 0
+    """Not set."""
+    STATE_BACKFILLING: AggregateSpec.State.ValueType  # 1
+    """Being filled from the event history in the background. Events applied meanwhile are
+    counted, but profiles not yet reached lack their older events.
+    """
+    STATE_READY: AggregateSpec.State.ValueType  # 2
+    """Every profile's buckets hold all of its history within the retention."""
+
     AGGREGATE_ID_FIELD_NUMBER: _builtins.int
     EVENT_NAME_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
@@ -351,6 +378,7 @@ class AggregateSpec(_message.Message):
     PROPERTY_FIELD_NUMBER: _builtins.int
     BUCKET_WIDTH_FIELD_NUMBER: _builtins.int
     RETENTION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     aggregate_id: _builtins.str
     """Output only. A stable id derived from every field but `retention`: the same spec always
     has the same id.
@@ -361,6 +389,8 @@ class AggregateSpec(_message.Message):
     """Required. The aggregate."""
     property: _builtins.str
     """The aggregated property, per `BehaviorCondition.property`."""
+    state: Global___AggregateSpec.State.ValueType
+    """Output only. Whether every profile's buckets hold the whole history yet."""
     @_builtins.property
     def filters(self) -> _containers.RepeatedCompositeFieldContainer[_rule_pb2.PropertyFilter]:
         """Conditions on the events' properties; all must hold for an event to count."""
@@ -374,7 +404,7 @@ class AggregateSpec(_message.Message):
     @_builtins.property
     def retention(self) -> _duration_pb2.Duration:
         """How long buckets are kept; zero means forever. Registering a known aggregate with a
-        longer retention extends it.
+        longer retention extends it (and fills it again from the history).
         """
 
     def __init__(
@@ -387,10 +417,11 @@ class AggregateSpec(_message.Message):
         property: _builtins.str = ...,
         bucket_width: _duration_pb2.Duration | None = ...,
         retention: _duration_pb2.Duration | None = ...,
+        state: Global___AggregateSpec.State.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_width", b"bucket_width", "retention", b"retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "bucket_width", b"bucket_width", "event_name", b"event_name", "filters", b"filters", "function", b"function", "property", b"property", "retention", b"retention"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "bucket_width", b"bucket_width", "event_name", b"event_name", "filters", b"filters", "function", b"function", "property", b"property", "retention", b"retention", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,154 @@
+"""Backfill: newly registered aggregates filled from every profile's event history.
+
+Registration stores the aggregates, moves the dataset's catalogue version and queues a
+backfill, all in one transaction, before any profile is touched. A backfill then walks the
+dataset's profiles in id order, a page per transaction: it locks the page's rows, recomputes
+the aggregates from each profile's history, writes those that differ, raises the profile's
+sequence and publishes a change with key ``aggregates``.
+
+Live units read the catalogue after taking their row locks, so a profile the backfill has
+passed is maintained by the live path, and a profile it has not reached yet is recomputed
+from a history that includes what the live path applied meanwhile: no event is missed or
+counted twice. Small pages and a pause between them keep the live path's share of the
+database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from audience.rules.facts import FACT_SOURCES
+from audience.v1 import event_pb2
+from services.profile.applier import Published, subject_key
+from services.profile.codec import USER, encode_change, profile_view
+from services.profile.consumer import Publisher, is_infrastructure
+from services.profile.domain.aggregates import AggregateIndex
+from services.profile.domain.apply import Settings
+from services.profile.domain.backfill import needs_visits, recompute
+from services.profile.domain.model import ChangeType, Touch
+from services.profile.store import ProfileStore, Registry
+
+__all__ = ["Backfiller"]
+
+_log = logging.getLogger(__name__)
+
+
+class Backfiller:
+    """Runs queued backfills, one page of profiles per transaction."""
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        registry: Registry,
+        publisher: Publisher,
+        settings: Settings,
+        *,
+        page_size: int,
+        pause: float,
+        idle: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.publisher = publisher
+        self.settings = settings
+        self.page_size = page_size
+        self.pause = pause
+        self.idle = idle
+        self._clock = clock
+
+    async def run(self) -> None:
+        """Backfills until cancelled, waiting out infrastructure failures."""
+        while True:
+            try:
+                busy = await self.step()
+            except Exception as error:
+                if not is_infrastructure(error):
+                    raise
+                _log.warning("backfill: %s: %s; retrying", type(error).__name__, error)
+                busy = False
+            await asyncio.sleep(self.pause if busy else self.idle)
+
+    async def step(self) -> bool:
+        """Backfills one page; returns whether there was anything to do."""
+        now = int(self._clock() * 1_000_000)
+        published: list[Published] = []
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            backfill = await self.registry.claim(conn)
+            if backfill is None:
+                return False
+            dataset = backfill.dataset
+            index = AggregateIndex(
+                await self.registry.backfill_specs(conn, dataset, backfill.aggregate_ids)
+            )
+            page = await self.registry.lock_page(conn, dataset, backfill.cursor, self.page_size)
+            if not page:
+                await self.registry.finish(conn, backfill)
+                _log.info(
+                    "backfilled %d aggregates of dataset %s", len(backfill.aggregate_ids), dataset
+                )
+                return True
+            names = (
+                None
+                if needs_visits(index)
+                else sorted({FACT_SOURCES.get(name, name) for name in index.names()})
+            )
+            ids = [profile_id for profile_id, _ in page]
+            history = await self.registry.history(conn, dataset, ids, names)
+            states = await self.store.load_profiles(conn, [(dataset, pid) for pid in ids])
+            changed = []
+            removed: list[tuple[str, str, str, int]] = []
+            written = []
+            for profile_id in ids:
+                state = states[(dataset, profile_id)]
+                fresh = recompute(
+                    profile_id,
+                    (event_pb2.Event.FromString(data) for data in history.get(profile_id, ())),
+                    index,
+                    self.settings,
+                    now,
+                )
+                touch = Touch()
+                for aggregate_id in index.matchers:
+                    old = state.aggregates.get(aggregate_id)
+                    new = fresh.get(aggregate_id)
+                    before = old.buckets if old is not None else {}
+                    after = new.buckets if new is not None else {}
+                    if before == after:
+                        continue
+                    for start in before.keys() - after.keys():
+                        touch.removed.add((aggregate_id, start))
+                        removed.append((dataset, profile_id, aggregate_id, start))
+                    for start, bucket in after.items():
+                        if before.get(start) != bucket:
+                            written.append((dataset, profile_id, aggregate_id, bucket))
+                            touch.buckets.add((aggregate_id, start))
+                    if new is not None and new.buckets:
+                        state.aggregates[aggregate_id] = new
+                    else:
+                        state.aggregates.pop(aggregate_id, None)
+                if touch.buckets or touch.removed:
+                    state.sequence += 1
+                    changed.append(state)
+            await self.store.write_profiles(conn, changed)
+            await self.store.delete_buckets(conn, removed)
+            await self.store.write_buckets(conn, written)
+            await self.registry.advance(conn, dataset, ids[-1], len(ids))
+            for state in changed:
+                change = encode_change(
+                    dataset=dataset,
+                    kind=USER,
+                    subject_id=state.profile_id,
+                    sequence=state.sequence,
+                    change_type=ChangeType.UPDATED,
+                    event_ids=(),
+                    keys=("aggregates",),
+                    view=profile_view(state),
+                    change_time=now,
+                )
+                published.append(Published(subject_key(dataset, USER, state.profile_id), change))
+        await self.publisher.changes(published)
+        return True

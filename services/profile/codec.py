@@ -1,0 +1,377 @@
+"""Translation between the domain's state and what leaves the service: rows, bus messages
+and API resources.
+
+The published ``EvaluationView`` is assembled from encoded pieces: protobuf messages are
+the concatenation of their fields, so a profile's attributes and each of its aggregates
+are encoded once and kept (``ProfileState.attributes_encoded``, ``AggregateSeries.encoded``)
+until they change, and a change re-encodes only what it touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from audience.bus.v1 import profile_change_pb2
+from audience.rules.aggregates import BucketState
+from audience.rules.values import (
+    TIMESTAMP_KEY,
+    AttrValue,
+    Instant,
+    attributes_json,
+    micros_from_datetime,
+    timestamp_from_micros,
+    value_to_proto,
+)
+from audience.rules.view import evaluation_row, view_from_parts
+from audience.v1 import common_pb2, profile_pb2, segment_pb2
+from services.profile.domain.model import (
+    AccountState,
+    AggregateSeries,
+    ChangeType,
+    ProfileState,
+)
+
+__all__ = [
+    "ACCOUNT",
+    "USER",
+    "account_from_row",
+    "account_message",
+    "account_name",
+    "account_view",
+    "aggregate_values",
+    "attributes_from_json",
+    "change_batch",
+    "encode_change",
+    "evaluation_columns",
+    "length_delimited",
+    "profile_from_parts",
+    "profile_message",
+    "profile_name",
+    "profile_view",
+    "state_blob",
+]
+
+USER = "user"
+ACCOUNT = "account"
+
+_CHANGE_TYPES = {
+    ChangeType.UPDATED: profile_change_pb2.PROFILE_CHANGE_TYPE_UPDATED,
+    ChangeType.ERASED: profile_change_pb2.PROFILE_CHANGE_TYPE_ERASED,
+    ChangeType.MERGED: profile_change_pb2.PROFILE_CHANGE_TYPE_MERGED,
+}
+_KINDS = {USER: segment_pb2.SEGMENT_KIND_USER, ACCOUNT: segment_pb2.SEGMENT_KIND_ACCOUNT}
+
+# Tags (field number << 3 | wire type 2) of the length-delimited fields assembled by hand.
+_VIEW_ATTRIBUTES = 1
+_VIEW_AGGREGATES = 9
+_CHANGE_VIEW = 8
+_BATCH_CHANGES = 1
+
+
+def profile_name(dataset: str, profile_id: str) -> str:
+    return f"datasets/{dataset}/profiles/{profile_id}"
+
+
+def account_name(dataset: str, account_id: str) -> str:
+    return f"datasets/{dataset}/accounts/{account_id}"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def length_delimited(field_number: int, data: bytes) -> bytes:
+    """The encoding of a length-delimited field (a message, bytes or a string)."""
+    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+
+
+# --- Attributes -------------------------------------------------------------------------
+
+
+def _from_json(value: Any) -> AttrValue:
+    if isinstance(value, dict):
+        if len(value) == 1 and TIMESTAMP_KEY in value:
+            return Instant(int(value[TIMESTAMP_KEY]))
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    # jsonb keeps numbers as numerics: a whole one comes back as an int.
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def attributes_from_json(value: Mapping[str, Any]) -> dict[str, AttrValue]:
+    """Attributes as ``audience.rules.attributes_json`` wrote them, read back."""
+    return {key: _from_json(item) for key, item in value.items()}
+
+
+def _attributes_bytes(attributes: Mapping[str, AttrValue]) -> bytes:
+    message = profile_change_pb2.EvaluationView()
+    for key, value in attributes.items():
+        message.attributes[key].CopyFrom(value_to_proto(value))
+    return message.SerializeToString()
+
+
+# --- Aggregates -------------------------------------------------------------------------
+
+
+def _aggregate_value(aggregate_id: str, series: AggregateSeries) -> profile_pb2.AggregateValue:
+    return profile_pb2.AggregateValue(
+        aggregate_id=aggregate_id, buckets=[bucket.to_proto() for bucket in series.ordered()]
+    )
+
+
+def aggregate_values(
+    aggregates: Mapping[str, AggregateSeries],
+) -> list[profile_pb2.AggregateValue]:
+    """The non-empty aggregates, by id."""
+    return [
+        _aggregate_value(aggregate_id, aggregates[aggregate_id])
+        for aggregate_id in sorted(aggregates)
+        if aggregates[aggregate_id].buckets
+    ]
+
+
+def _series_bytes(aggregate_id: str, series: AggregateSeries) -> bytes:
+    if series.encoded is None:
+        value = _aggregate_value(aggregate_id, series)
+        series.encoded = length_delimited(_VIEW_AGGREGATES, value.SerializeToString())
+    return series.encoded
+
+
+# --- Views --------------------------------------------------------------------------------
+
+
+def _set_time(message: Any, name: str, micros: int | None) -> None:
+    if micros is not None:
+        getattr(message, name).CopyFrom(timestamp_from_micros(micros))
+
+
+def profile_view(state: ProfileState) -> bytes:
+    """The encoded ``EvaluationView`` of a profile."""
+    view = profile_change_pb2.EvaluationView(
+        lifetime_value=state.lifetime_value,
+        order_count=state.order_count,
+        visit_count=state.visit_count,
+        account_id=state.account_id,
+    )
+    if state.session is not None:
+        view.session.CopyFrom(state.session)
+    if state.context is not None:
+        view.context.CopyFrom(state.context)
+    _set_time(view, "first_seen_time", state.first_seen)
+    _set_time(view, "last_seen_time", state.last_seen)
+    if state.attributes_encoded is None:
+        state.attributes_encoded = _attributes_bytes(state.attributes)
+    parts = [view.SerializeToString(), state.attributes_encoded]
+    for aggregate_id, series in state.aggregates.items():
+        if series.buckets:
+            parts.append(_series_bytes(aggregate_id, series))
+    return b"".join(parts)
+
+
+def account_view(account: AccountState) -> bytes:
+    """The encoded ``EvaluationView`` of an account."""
+    view = profile_change_pb2.EvaluationView(
+        lifetime_value=account.lifetime_value, order_count=account.order_count
+    )
+    _set_time(view, "first_seen_time", account.first_seen)
+    _set_time(view, "last_seen_time", account.last_seen)
+    if account.attributes_encoded is None:
+        account.attributes_encoded = _attributes_bytes(account.attributes)
+    return view.SerializeToString() + account.attributes_encoded
+
+
+def encode_change(
+    *,
+    dataset: str,
+    kind: str,
+    subject_id: str,
+    sequence: int,
+    change_type: ChangeType,
+    event_ids: Sequence[str],
+    keys: Iterable[str],
+    view: bytes | None,
+    change_time: int,
+    merged_into: str = "",
+) -> bytes:
+    """The encoded ``ProfileChange``; ``view`` None leaves it empty (an erasure, a merge)."""
+    change = profile_change_pb2.ProfileChange(
+        dataset=dataset,
+        kind=_KINDS[kind],
+        profile_id=subject_id,
+        sequence=sequence,
+        type=_CHANGE_TYPES[change_type],
+        event_ids=event_ids,
+        changed_keys=sorted(keys),
+        merged_into=merged_into,
+        change_time=timestamp_from_micros(change_time),
+    )
+    data = change.SerializeToString()
+    if view is not None:
+        data += length_delimited(_CHANGE_VIEW, view)
+    return data
+
+
+def change_batch(changes: Iterable[bytes]) -> bytes:
+    """The encoded ``ProfileChangeBatch`` of encoded changes."""
+    return b"".join(length_delimited(_BATCH_CHANGES, change) for change in changes)
+
+
+# --- Rows ---------------------------------------------------------------------------------
+
+
+def evaluation_columns(state: ProfileState | AccountState) -> dict[str, Any]:
+    """The typed columns of ``profiles`` the rules read (``audience.rules.evaluation_row``)."""
+    if isinstance(state, ProfileState):
+        view = view_from_parts(
+            state.profile_id,
+            session=state.session,
+            context=state.context,
+            lifetime_value=state.lifetime_value,
+            order_count=state.order_count,
+            visit_count=state.visit_count,
+            account_id=state.account_id,
+            first_seen_time=_timestamp(state.first_seen),
+            last_seen_time=_timestamp(state.last_seen),
+        )
+    else:
+        view = view_from_parts(
+            state.account_id,
+            lifetime_value=state.lifetime_value,
+            order_count=state.order_count,
+            first_seen_time=_timestamp(state.first_seen),
+            last_seen_time=_timestamp(state.last_seen),
+        )
+    row = evaluation_row(view)
+    row["attributes"] = attributes_json(state.attributes)
+    return row
+
+
+def _timestamp(micros: int | None) -> Any:
+    return None if micros is None else timestamp_from_micros(micros)
+
+
+def _identities(identities: Iterable[tuple[str, str]]) -> list[common_pb2.Identity]:
+    return [common_pb2.Identity(type=kind, value=value) for kind, value in identities]
+
+
+def state_blob(state: ProfileState) -> bytes:
+    """What of a profile has no column: identities, the visit, the context, the merges."""
+    blob = profile_pb2.Profile(
+        identities=_identities(state.identities),
+        merged_profiles=state.merged_profiles,
+    )
+    if state.session is not None:
+        blob.current_session.CopyFrom(state.session)
+    if state.context is not None:
+        blob.last_context.CopyFrom(state.context)
+    return blob.SerializeToString()
+
+
+def _micros(moment: datetime | None) -> int | None:
+    return None if moment is None else micros_from_datetime(moment)
+
+
+def profile_from_parts(
+    dataset: str,
+    profile_id: str,
+    row: Mapping[str, Any],
+    buckets: Iterable[tuple[str, BucketState]],
+) -> ProfileState:
+    """A profile from its row (the columns ``store`` reads) and its buckets."""
+    blob = profile_pb2.Profile.FromString(row["state"] or b"")
+    aggregates: dict[str, AggregateSeries] = {}
+    for aggregate_id, bucket in buckets:
+        series = aggregates.get(aggregate_id)
+        if series is None:
+            series = aggregates[aggregate_id] = AggregateSeries()
+        series.buckets[bucket.start] = bucket
+    return ProfileState(
+        dataset=dataset,
+        profile_id=profile_id,
+        sequence=row["sequence"],
+        attributes=attributes_from_json(row["attributes"] or {}),
+        identities=[(identity.type, identity.value) for identity in blob.identities],
+        account_id=row["account_id"] or "",
+        session=blob.current_session if blob.HasField("current_session") else None,
+        context=blob.last_context if blob.HasField("last_context") else None,
+        first_seen=_micros(row["first_seen"]),
+        last_seen=_micros(row["last_seen"]),
+        lifetime_value=row["lifetime_value"],
+        order_count=row["order_count"],
+        visit_count=row["visit_count"],
+        event_count=row["event_count"],
+        merged_profiles=list(blob.merged_profiles),
+        aggregates=aggregates,
+    )
+
+
+def account_from_row(dataset: str, account_id: str, row: Mapping[str, Any]) -> AccountState:
+    return AccountState(
+        dataset=dataset,
+        account_id=account_id,
+        sequence=row["sequence"],
+        attributes=attributes_from_json(row["attributes"] or {}),
+        user_count=row["user_count"],
+        first_seen=_micros(row["first_seen"]),
+        last_seen=_micros(row["last_seen"]),
+        lifetime_value=row["lifetime_value"],
+        order_count=row["order_count"],
+    )
+
+
+# --- API resources ------------------------------------------------------------------------
+
+
+def profile_message(state: ProfileState) -> profile_pb2.Profile:
+    """The ``PROFILE_VIEW_BASIC`` resource of a profile."""
+    dataset = state.dataset
+    message = profile_pb2.Profile(
+        name=profile_name(dataset, state.profile_id),
+        identities=_identities(state.identities),
+        account=account_name(dataset, state.account_id) if state.account_id else "",
+        lifetime_value=state.lifetime_value,
+        order_count=state.order_count,
+        visit_count=state.visit_count,
+        event_count=state.event_count,
+        merged_profiles=[profile_name(dataset, merged) for merged in state.merged_profiles],
+        sequence=state.sequence,
+    )
+    for key, value in state.attributes.items():
+        message.attributes[key].CopyFrom(value_to_proto(value))
+    if state.session is not None:
+        message.current_session.CopyFrom(state.session)
+    if state.context is not None:
+        message.last_context.CopyFrom(state.context)
+    _set_time(message, "first_seen_time", state.first_seen)
+    _set_time(message, "last_seen_time", state.last_seen)
+    return message
+
+
+def account_message(account: AccountState) -> profile_pb2.Account:
+    message = profile_pb2.Account(
+        name=account_name(account.dataset, account.account_id),
+        user_count=account.user_count,
+        lifetime_value=account.lifetime_value,
+        order_count=account.order_count,
+        sequence=account.sequence,
+    )
+    for key, value in account.attributes.items():
+        message.attributes[key].CopyFrom(value_to_proto(value))
+    _set_time(message, "first_seen_time", account.first_seen)
+    _set_time(message, "last_seen_time", account.last_seen)
+    return message

@@ -1,0 +1,86 @@
+"""Configuration of the profile service, read once at start from ``AUDIENCE_PROFILE_*``."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+from audience.config import Address, CommonConfig, Env
+
+__all__ = ["ProfileConfig"]
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What the profile service reads from the environment.
+
+    Attributes:
+        session_timeout: inactivity after which a person's next event starts a new visit.
+        consumer_name: this replica's name in the ``profile`` group of ``events``; each
+            worker appends ``-{n}``.
+        workers: concurrent appliers per replica, each reading its own share of the
+            partitions, so one computes while another waits on PostgreSQL.
+        read_count: entries read per partition at a time.
+        unit_events: the most events applied in one transaction.
+        cache_size: profiles (and accounts) kept in memory between batches; each is checked
+            against its row's sequence under the row lock before use.
+        claim_idle: how long an entry stays unacknowledged before another consumer takes
+            it over; more than the longest time a batch takes to apply.
+        segment_engine: where ``MembershipService`` answers, for the segments of a profile.
+        segment_timeout: how long a profile read waits for the segment engine.
+        backfill_profiles: profiles backfilled per transaction.
+        backfill_pause: pause between backfill transactions, so live traffic keeps its share.
+    """
+
+    common: CommonConfig
+    session_timeout: timedelta
+    consumer_name: str
+    workers: int
+    read_count: int
+    unit_events: int
+    cache_size: int
+    claim_idle: timedelta
+    segment_engine: Address
+    segment_timeout: timedelta
+    backfill_profiles: int
+    backfill_pause: timedelta
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ProfileConfig:
+        env = Env(environ)
+        common = CommonConfig.from_env(environ)
+        return cls(
+            common=common,
+            session_timeout=env.duration(
+                "AUDIENCE_PROFILE_SESSION_TIMEOUT",
+                timedelta(minutes=30),
+                minimum=timedelta(seconds=1),
+                maximum=timedelta(days=1),
+            ),
+            consumer_name=env.string(
+                "AUDIENCE_PROFILE_CONSUMER_NAME", socket.gethostname() or "profile"
+            ),
+            workers=env.integer("AUDIENCE_PROFILE_WORKERS", 2, minimum=1, maximum=64),
+            read_count=env.integer("AUDIENCE_PROFILE_READ_COUNT", 8, minimum=1, maximum=1000),
+            unit_events=env.integer(
+                "AUDIENCE_PROFILE_UNIT_EVENTS", 4000, minimum=1, maximum=100_000
+            ),
+            cache_size=env.integer("AUDIENCE_PROFILE_CACHE_SIZE", 50_000, minimum=0),
+            claim_idle=env.duration(
+                "AUDIENCE_PROFILE_CLAIM_IDLE", timedelta(seconds=60), minimum=timedelta(seconds=1)
+            ),
+            segment_engine=env.address("AUDIENCE_SEGMENT_ENGINE_ADDRESS", common.listen),
+            segment_timeout=env.duration(
+                "AUDIENCE_PROFILE_SEGMENT_TIMEOUT",
+                timedelta(seconds=2),
+                minimum=timedelta(milliseconds=10),
+            ),
+            backfill_profiles=env.integer(
+                "AUDIENCE_PROFILE_BACKFILL_PROFILES", 500, minimum=1, maximum=100_000
+            ),
+            backfill_pause=env.duration(
+                "AUDIENCE_PROFILE_BACKFILL_PAUSE", timedelta(milliseconds=20), minimum=timedelta(0)
+            ),
+        )

@@ -1,0 +1,239 @@
+"""Registered aggregates: which facts each counts, and its buckets kept exactly.
+
+A dataset's aggregates are compiled once into an :class:`AggregateIndex`. A fact is checked
+only against the aggregates of its own name, and among those, an aggregate with an
+``EQUALS`` or ``IN`` filter on a top-level property is checked only when the fact's
+property holds one of the filter's values (a dictionary lookup): with a thousand aggregates
+a fact typically meets a handful. The compiled matcher of ``audience.rules`` always has the
+last word, so the index only ever skips aggregates that could not count the fact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from audience.rules.aggregates import (
+    DISTINCT_LIMIT,
+    AggregateMatcher,
+    BucketState,
+    accumulate,
+    compile_aggregate,
+)
+from audience.rules.facts import Fact
+from audience.rules.values import value_from_proto
+from audience.v1 import profile_pb2, rule_pb2
+from services.profile.domain.model import AggregateSeries, ProfileState, Touch
+
+__all__ = [
+    "AggregateIndex",
+    "combine",
+    "count_facts",
+    "merge_series",
+    "prune",
+]
+
+_O = rule_pb2.Operator
+
+
+def _hashable(value: object) -> bool:
+    return isinstance(value, str | float | int)
+
+
+def _lookup_filter(spec: profile_pb2.AggregateSpec) -> tuple[str, list[object]] | None:
+    """A top-level property and the values it must hold for the spec to count a fact."""
+    for item in spec.filters:
+        path = item.path
+        if "." in path:
+            continue
+        operator = item.comparison.operator
+        if operator == _O.OPERATOR_EQUALS:
+            value: object = value_from_proto(item.comparison.value)
+            if _hashable(value):
+                return path, [value]
+        elif operator == _O.OPERATOR_IN:
+            values: list[object] = [
+                value_from_proto(v) for v in item.comparison.value.list_value.values
+            ]
+            if all(_hashable(value) for value in values):
+                return path, values
+    return None
+
+
+@dataclass(slots=True)
+class _NameIndex:
+    always: list[AggregateMatcher]
+    # property path → property value → matchers that need that value there.
+    keyed: dict[str, dict[object, list[AggregateMatcher]]]
+
+
+class AggregateIndex:
+    """A dataset's compiled aggregates, indexed by fact name and filter value.
+
+    Args:
+        specs: the registered specs, each with its ``aggregate_id`` and ``retention``.
+        version: the catalogue version they were read at, to tell when to reload.
+    """
+
+    def __init__(self, specs: Iterable[profile_pb2.AggregateSpec], version: int = 0) -> None:
+        self.version = version
+        self.matchers: dict[str, AggregateMatcher] = {}
+        self._by_name: dict[str, _NameIndex] = {}
+        for spec in specs:
+            matcher = compile_aggregate(spec)
+            self.matchers[matcher.aggregate_id] = matcher
+            entry = self._by_name.setdefault(spec.event_name, _NameIndex([], {}))
+            found = _lookup_filter(spec)
+            if found is None:
+                entry.always.append(matcher)
+                continue
+            path, values = found
+            table = entry.keyed.setdefault(path, {})
+            for value in values:
+                table.setdefault(value, []).append(matcher)
+
+    def __len__(self) -> int:
+        return len(self.matchers)
+
+    def names(self) -> set[str]:
+        """The fact names some aggregate counts."""
+        return set(self._by_name)
+
+    def candidates(self, fact: Fact) -> Iterator[AggregateMatcher]:
+        """The aggregates that may count ``fact``: a superset of those that do."""
+        entry = self._by_name.get(fact.name)
+        if entry is None:
+            return
+        yield from entry.always
+        if entry.keyed:
+            properties = fact.properties
+            for path, table in entry.keyed.items():
+                value = properties.get(path)
+                if value is not None and _hashable(value):
+                    found = table.get(value)
+                    if found:
+                        yield from found
+
+
+def _pick_min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a <= b else b
+
+
+def _pick_max(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a >= b else b
+
+
+def _first(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _last(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def combine(a: BucketState, b: BucketState) -> BucketState:
+    """Two buckets of the same aggregate and start as one: what a merge of profiles does.
+
+    Counts and sums add, min/max/first/last combine, distinct values unite (the first
+    bucket's values first, at most ``DISTINCT_LIMIT``).
+    """
+    distinct = a.distinct_values
+    if b.distinct_values:
+        seen = set(distinct)
+        extra = [value for value in b.distinct_values if value not in seen]
+        distinct = (distinct + tuple(extra))[:DISTINCT_LIMIT]
+    return BucketState(
+        a.start,
+        a.count + b.count,
+        a.sum + b.sum,
+        _pick_min(a.min, b.min),
+        _pick_max(a.max, b.max),
+        _first(a.first_time, b.first_time),
+        _last(a.last_time, b.last_time),
+        distinct,
+    )
+
+
+def merge_series(
+    target: dict[str, AggregateSeries], source: Mapping[str, AggregateSeries], touch: Touch
+) -> None:
+    """Adds the source's buckets into the target's, recording what to write."""
+    for aggregate_id, series in source.items():
+        mine = target.get(aggregate_id)
+        if mine is None:
+            mine = target[aggregate_id] = AggregateSeries()
+        for start, bucket in series.buckets.items():
+            existing = mine.buckets.get(start)
+            mine.put(bucket if existing is None else combine(existing, bucket))
+            touch.buckets.add((aggregate_id, start))
+
+
+def count_facts(
+    state: ProfileState,
+    facts: Sequence[Fact],
+    index: AggregateIndex,
+    touch: Touch,
+    now: int,
+) -> None:
+    """Counts facts into the profile's aggregates.
+
+    A fact older than an aggregate's retention is not counted: its bucket would be pruned
+    at once.
+    """
+    aggregates = state.aggregates
+    for fact in facts:
+        for matcher in index.candidates(fact):
+            observation = matcher.observe(fact)
+            if observation is None:
+                continue
+            start = observation.bucket_start
+            if matcher.retention and start < now - matcher.retention:
+                continue
+            aggregate_id = matcher.aggregate_id
+            series = aggregates.get(aggregate_id)
+            if series is None:
+                series = aggregates[aggregate_id] = AggregateSeries()
+            series.put(accumulate(series.buckets.get(start), observation))
+            touch.buckets.add((aggregate_id, start))
+
+
+def prune(
+    state: ProfileState, index: AggregateIndex, touch: Touch, now: int, only: Iterable[str] = ()
+) -> None:
+    """Drops buckets past their aggregate's retention.
+
+    Args:
+        only: the aggregate ids to look at; every aggregate of the profile when empty.
+    """
+    ids = list(only) or list(state.aggregates)
+    for aggregate_id in ids:
+        series = state.aggregates.get(aggregate_id)
+        if series is None:
+            continue
+        matcher = index.matchers.get(aggregate_id)
+        if matcher is None or not matcher.retention:
+            continue
+        cutoff = now - matcher.retention
+        starts = [start for start in series.buckets if start < cutoff]
+        for start in starts:
+            series.drop(start)
+            touch.buckets.discard((aggregate_id, start))
+            touch.removed.add((aggregate_id, start))
+        if not series.buckets:
+            del state.aggregates[aggregate_id]

@@ -1,0 +1,927 @@
+"""The profile service's tables (schema ``profile``, migrations in ``migrations/``).
+
+Statements that change many rows take whole columns as arrays and ``unnest`` them, so a
+batch costs one round trip per table rather than one per row. Methods that take a
+connection run inside the caller's transaction; the others open their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from google.protobuf import duration_pb2
+
+from audience.rules.aggregates import BucketState
+from audience.rules.values import datetime_from_micros, micros_from_datetime
+from audience.rules.view import EVALUATION_COLUMNS
+from audience.v1 import profile_pb2
+from services.profile.codec import (
+    ACCOUNT,
+    USER,
+    account_from_row,
+    evaluation_columns,
+    profile_from_parts,
+    state_blob,
+)
+from services.profile.domain.identity import Owner
+from services.profile.domain.model import (
+    AccountKey,
+    AccountState,
+    IdentityKey,
+    ProfileKey,
+    ProfileState,
+)
+
+__all__ = [
+    "AGGREGATE_BACKFILLING",
+    "AGGREGATE_READY",
+    "EventRow",
+    "ProfileStore",
+    "identity_hash",
+]
+
+_log = logging.getLogger(__name__)
+
+S = '"profile"'
+
+AGGREGATE_BACKFILLING = 1
+AGGREGATE_READY = 2
+
+# The SQL type of each typed column of `profiles` (the evaluation schema's).
+_COLUMN_TYPES: Mapping[str, str] = {
+    "attributes": "text",
+    "session_start": "timestamptz",
+    "cart_value": "float8",
+    "cart_item_count": "int8",
+    "page_view_count": "int8",
+    "landing_page": "text",
+    "source": "text",
+    "referrer": "text",
+    "utm_source": "text",
+    "utm_medium": "text",
+    "utm_campaign": "text",
+    "utm_term": "text",
+    "utm_content": "text",
+    "channel": "text",
+    "visit_count": "int8",
+    "is_new_visitor": "bool",
+    "country": "text",
+    "region": "text",
+    "city": "text",
+    "postal_code": "text",
+    "latitude": "float8",
+    "longitude": "float8",
+    "weather_condition": "text",
+    "temperature_celsius": "float8",
+    "device_type": "text",
+    "os": "text",
+    "browser": "text",
+    "first_seen": "timestamptz",
+    "last_seen": "timestamptz",
+    "lifetime_value": "float8",
+    "order_count": "int8",
+    "account_id": "text",
+}
+_OWN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("sequence", "int8"),
+    ("known", "bool"),
+    ("user_count", "int8"),
+    ("event_count", "int8"),
+    ("state", "bytea"),
+)
+
+
+def _write_statement() -> str:
+    missing = [name for name in EVALUATION_COLUMNS if name not in _COLUMN_TYPES]
+    if missing:
+        raise RuntimeError(f"evaluation columns without a known SQL type: {missing}")
+    columns = [(name, _COLUMN_TYPES[name]) for name in EVALUATION_COLUMNS] + list(_OWN_COLUMNS)
+    arrays = ", ".join(f"${i + 4}::{kind}[]" for i, (_, kind) in enumerate(columns))
+    names = ", ".join(name for name, _ in columns)
+    sets = ", ".join(
+        f"{name} = u.{name}::jsonb" if name == "attributes" else f"{name} = u.{name}"
+        for name, _ in columns
+    )
+    return (
+        f"UPDATE {S}.profiles AS p SET {sets}, update_time = now() "
+        f"FROM unnest($2::text[], $3::text[], {arrays}) AS u(dataset, profile_id, {names}) "
+        "WHERE p.dataset = u.dataset AND p.kind = $1 AND p.profile_id = u.profile_id"
+    )
+
+
+_WRITE_PROFILES = _write_statement()
+_WRITTEN_COLUMNS = (*EVALUATION_COLUMNS, *(name for name, _ in _OWN_COLUMNS))
+
+_ROW_COLUMNS = (
+    "p.sequence, p.attributes, p.account_id, p.first_seen, p.last_seen, p.lifetime_value,"
+    " p.order_count, p.visit_count, p.event_count, p.user_count, p.state"
+)
+
+
+def identity_hash(dataset: str, kind: str, value: str) -> bytes:
+    """The SHA-256 digest an erased identity is kept as."""
+    return hashlib.sha256(f"{dataset}\x00{kind}\x00{value}".encode()).digest()
+
+
+def _month(moment: datetime) -> int:
+    return moment.year * 12 + moment.month - 1
+
+
+def _month_start(month: int) -> datetime:
+    return datetime(month // 12, month % 12 + 1, 1, tzinfo=UTC)
+
+
+def _buckets(rows: Iterable[asyncpg.Record]) -> list[tuple[str, BucketState]]:
+    return [
+        (
+            row["aggregate_id"],
+            BucketState(
+                micros_from_datetime(row["bucket_start"]),
+                row["count"],
+                row["sum"],
+                row["min"],
+                row["max"],
+                None if row["first_time"] is None else micros_from_datetime(row["first_time"]),
+                None if row["last_time"] is None else micros_from_datetime(row["last_time"]),
+                tuple(row["distinct_values"]),
+            ),
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One event of the history, as stored."""
+
+    dataset: str
+    occurred_at: datetime
+    event_id: str
+    profile_id: str | None
+    account_id: str | None
+    name: str
+    payload: bytes
+
+
+class ProfileStore:
+    """Reads and writes the ``profile`` schema through a pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._partitions: set[int] | None = None
+
+    # --- History partitions -------------------------------------------------------------
+
+    async def ensure_partitions(self, moments: Iterable[datetime]) -> None:
+        """Creates the monthly partitions of ``events`` that these instants need."""
+        months = {_month(moment) for moment in moments}
+        if self._partitions is None:
+            rows = await self.pool.fetch(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                f" WHERE i.inhparent = '{S}.events'::regclass"
+            )
+            self._partitions = {
+                int(row["relname"][7:11]) * 12 + int(row["relname"][11:13]) - 1
+                for row in rows
+                if row["relname"].startswith("events_")
+            }
+        for month in sorted(months - self._partitions):
+            start, end = _month_start(month), _month_start(month + 1)
+            name = f"events_{start.year:04d}{start.month:02d}"
+            async with self.pool.acquire() as conn, conn.transaction():
+                # Replicas may race to create the same month: serialise on a lock, re-check.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('profile.events'))")
+                exists = await conn.fetchval("SELECT to_regclass($1)", f"profile.{name}")
+                if exists is None:
+                    await conn.execute(
+                        f"CREATE TABLE {S}.{name} PARTITION OF {S}.events"
+                        f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                    )
+                    _log.info("created history partition %s", name)
+            self._partitions.add(month)
+
+    # --- The unit of work of a batch (inside the caller's transaction) ---------------------
+
+    async def erased(
+        self, conn: asyncpg.Connection, hashes: Sequence[tuple[str, bytes]]
+    ) -> set[tuple[str, bytes]]:
+        """Which of these ``(dataset, identity hash)`` are erased."""
+        if not hashes:
+            return set()
+        rows = await conn.fetch(
+            f"SELECT e.dataset, e.identity_hash FROM {S}.erased_identities e"
+            " JOIN unnest($1::text[], $2::bytea[]) AS k(dataset, identity_hash)"
+            " ON e.dataset = k.dataset AND e.identity_hash = k.identity_hash",
+            [dataset for dataset, _ in hashes],
+            [digest for _, digest in hashes],
+        )
+        return {(row["dataset"], bytes(row["identity_hash"])) for row in rows}
+
+    async def count_suppressed(
+        self, conn: asyncpg.Connection, counts: Mapping[tuple[str, bytes], int]
+    ) -> None:
+        if not counts:
+            return
+        keys = sorted(counts)
+        await conn.execute(
+            f"UPDATE {S}.erased_identities e SET suppressed_count = e.suppressed_count + u.n,"
+            " last_suppress_time = now()"
+            " FROM unnest($1::text[], $2::bytea[], $3::int8[]) AS u(dataset, identity_hash, n)"
+            " WHERE e.dataset = u.dataset AND e.identity_hash = u.identity_hash",
+            [dataset for dataset, _ in keys],
+            [digest for _, digest in keys],
+            [counts[key] for key in keys],
+        )
+
+    async def owners(
+        self, conn: asyncpg.Connection, keys: Iterable[IdentityKey]
+    ) -> dict[IdentityKey, Owner]:
+        """The owners of these identities, with whether each owner is known."""
+        unique = sorted(set(keys))
+        if not unique:
+            return {}
+        rows = await conn.fetch(
+            f"SELECT i.dataset, i.type, i.value, i.profile_id, p.known FROM {S}.identities i"
+            " JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(dataset, type, value)"
+            " ON i.dataset = k.dataset AND i.type = k.type AND i.value = k.value"
+            f" JOIN {S}.profiles p"
+            " ON p.dataset = i.dataset AND p.kind = 'user' AND p.profile_id = i.profile_id",
+            [key[0] for key in unique],
+            [key[1] for key in unique],
+            [key[2] for key in unique],
+        )
+        return {
+            (row["dataset"], row["type"], row["value"]): Owner(row["profile_id"], row["known"])
+            for row in rows
+        }
+
+    async def create(
+        self, conn: asyncpg.Connection, kind: str, keys: Iterable[tuple[str, str]]
+    ) -> set[tuple[str, str]]:
+        """Inserts empty rows to lock for new subjects; returns those this call inserted."""
+        unique = sorted(set(keys))
+        if not unique:
+            return set()
+        rows = await conn.fetch(
+            f"INSERT INTO {S}.profiles (dataset, kind, profile_id)"
+            " SELECT dataset, $1, profile_id FROM unnest($2::text[], $3::text[])"
+            " AS k(dataset, profile_id) ORDER BY dataset, profile_id"
+            " ON CONFLICT DO NOTHING RETURNING dataset, profile_id",
+            kind,
+            [key[0] for key in unique],
+            [key[1] for key in unique],
+        )
+        return {(row["dataset"], row["profile_id"]) for row in rows}
+
+    async def lock(
+        self, conn: asyncpg.Connection, kind: str, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, bool]]:
+        """Locks subjects' rows in key order; returns each found one's sequence and known flag."""
+        unique = sorted(set(keys))
+        if not unique:
+            return {}
+        rows = await conn.fetch(
+            f"SELECT p.dataset, p.profile_id, p.sequence, p.known FROM {S}.profiles p"
+            " JOIN unnest($2::text[], $3::text[]) AS k(dataset, profile_id)"
+            " ON p.dataset = k.dataset AND p.profile_id = k.profile_id"
+            " WHERE p.kind = $1 ORDER BY p.dataset, p.profile_id FOR UPDATE OF p",
+            kind,
+            [key[0] for key in unique],
+            [key[1] for key in unique],
+        )
+        return {
+            (row["dataset"], row["profile_id"]): (row["sequence"], row["known"]) for row in rows
+        }
+
+    async def load_profiles(
+        self,
+        conn: asyncpg.Connection | asyncpg.Pool,
+        keys: Iterable[ProfileKey],
+        *,
+        aggregates: bool = True,
+    ) -> dict[ProfileKey, ProfileState]:
+        """Reads profiles, with their aggregates unless ``aggregates`` is false."""
+        unique = sorted(set(keys))
+        if not unique:
+            return {}
+        datasets = [key[0] for key in unique]
+        ids = [key[1] for key in unique]
+        rows = await conn.fetch(
+            f"SELECT p.dataset, p.profile_id, {_ROW_COLUMNS} FROM {S}.profiles p"
+            " JOIN unnest($1::text[], $2::text[]) AS k(dataset, profile_id)"
+            " ON p.dataset = k.dataset AND p.profile_id = k.profile_id WHERE p.kind = 'user'",
+            datasets,
+            ids,
+        )
+        if not aggregates or not rows:
+            bucket_rows = []
+        else:
+            bucket_rows = await conn.fetch(
+                "SELECT b.dataset, b.profile_id, b.aggregate_id, b.bucket_start, b.count, b.sum,"
+                " b.min, b.max, b.first_time, b.last_time, b.distinct_values"
+                f" FROM {S}.aggregate_buckets b"
+                " JOIN unnest($1::text[], $2::text[]) AS k(dataset, profile_id)"
+                " ON b.dataset = k.dataset AND b.profile_id = k.profile_id WHERE b.kind = 'user'",
+                datasets,
+                ids,
+            )
+        by_profile: dict[ProfileKey, list[asyncpg.Record]] = {}
+        for row in bucket_rows:
+            by_profile.setdefault((row["dataset"], row["profile_id"]), []).append(row)
+        return {
+            (row["dataset"], row["profile_id"]): profile_from_parts(
+                row["dataset"],
+                row["profile_id"],
+                row,
+                _buckets(by_profile.get((row["dataset"], row["profile_id"]), ())),
+            )
+            for row in rows
+        }
+
+    async def load_accounts(
+        self, conn: asyncpg.Connection | asyncpg.Pool, keys: Iterable[AccountKey]
+    ) -> dict[AccountKey, AccountState]:
+        unique = sorted(set(keys))
+        if not unique:
+            return {}
+        rows = await conn.fetch(
+            f"SELECT p.dataset, p.profile_id, {_ROW_COLUMNS} FROM {S}.profiles p"
+            " JOIN unnest($1::text[], $2::text[]) AS k(dataset, profile_id)"
+            " ON p.dataset = k.dataset AND p.profile_id = k.profile_id WHERE p.kind = 'account'",
+            [key[0] for key in unique],
+            [key[1] for key in unique],
+        )
+        return {
+            (row["dataset"], row["profile_id"]): account_from_row(
+                row["dataset"], row["profile_id"], row
+            )
+            for row in rows
+        }
+
+    async def catalog_versions(
+        self, conn: asyncpg.Connection, datasets: Iterable[str]
+    ) -> dict[str, int]:
+        rows = await conn.fetch(
+            f"SELECT dataset, version FROM {S}.aggregate_catalogs WHERE dataset = ANY($1::text[])",
+            sorted(set(datasets)),
+        )
+        return {row["dataset"]: row["version"] for row in rows}
+
+    async def specs(
+        self, conn: asyncpg.Connection | asyncpg.Pool, dataset: str
+    ) -> tuple[int, list[profile_pb2.AggregateSpec]]:
+        """A dataset's catalogue version and registered aggregates, with their states."""
+        version = await conn.fetchval(
+            f"SELECT version FROM {S}.aggregate_catalogs WHERE dataset = $1", dataset
+        )
+        rows = await conn.fetch(
+            f"SELECT spec, state FROM {S}.aggregate_specs WHERE dataset = $1 ORDER BY aggregate_id",
+            dataset,
+        )
+        specs = []
+        for row in rows:
+            spec = profile_pb2.AggregateSpec.FromString(row["spec"])
+            spec.state = row["state"]
+            specs.append(spec)
+        return version or 0, specs
+
+    async def insert_events(
+        self, conn: asyncpg.Connection, rows: Sequence[EventRow]
+    ) -> set[tuple[str, str, datetime]]:
+        """Records events in the history; returns the keys of those not recorded before."""
+        if not rows:
+            return set()
+        inserted = await conn.fetch(
+            f"INSERT INTO {S}.events"
+            " (dataset, occurred_at, event_id, profile_id, account_id, name, payload)"
+            " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],"
+            " $5::text[], $6::text[], $7::bytea[])"
+            " ON CONFLICT DO NOTHING RETURNING dataset, event_id, occurred_at",
+            [row.dataset for row in rows],
+            [row.occurred_at for row in rows],
+            [row.event_id for row in rows],
+            [row.profile_id for row in rows],
+            [row.account_id for row in rows],
+            [row.name for row in rows],
+            [row.payload for row in rows],
+        )
+        return {(row["dataset"], row["event_id"], row["occurred_at"]) for row in inserted}
+
+    async def link(
+        self, conn: asyncpg.Connection, links: Mapping[IdentityKey, ProfileKey]
+    ) -> list[IdentityKey]:
+        """Links identities to profiles; returns those another profile already owns."""
+        if not links:
+            return []
+        keys = sorted(links)
+        inserted = await conn.fetch(
+            f"INSERT INTO {S}.identities (dataset, type, value, profile_id)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+            " ON CONFLICT DO NOTHING RETURNING dataset, type, value",
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+            [key[2] for key in keys],
+            [links[key][1] for key in keys],
+        )
+        done = {(row["dataset"], row["type"], row["value"]) for row in inserted}
+        rest = [key for key in keys if key not in done]
+        if not rest:
+            return []
+        owned = await self.owners(conn, rest)
+        return [key for key in rest if key not in owned or owned[key].profile_id != links[key][1]]
+
+    async def record_merges(
+        self,
+        conn: asyncpg.Connection,
+        merges: Sequence[tuple[ProfileKey, ProfileKey, str, datetime]],
+    ) -> None:
+        """Moves sources' identities and history to their targets, deletes the sources (and
+        their buckets), and records the merges."""
+        if not merges:
+            return
+        datasets = [source[0] for source, _, _, _ in merges]
+        sources = [source[1] for source, _, _, _ in merges]
+        targets = [target[1] for _, target, _, _ in merges]
+        await conn.execute(
+            f"UPDATE {S}.identities i SET profile_id = m.target"
+            " FROM unnest($1::text[], $2::text[], $3::text[]) AS m(dataset, source, target)"
+            " WHERE i.dataset = m.dataset AND i.profile_id = m.source",
+            datasets,
+            sources,
+            targets,
+        )
+        await conn.execute(
+            f"UPDATE {S}.events e SET profile_id = m.target"
+            " FROM unnest($1::text[], $2::text[], $3::text[]) AS m(dataset, source, target)"
+            " WHERE e.dataset = m.dataset AND e.profile_id = m.source",
+            datasets,
+            sources,
+            targets,
+        )
+        await conn.execute(
+            f"DELETE FROM {S}.profiles p USING unnest($1::text[], $2::text[]) AS m(dataset, source)"
+            " WHERE p.dataset = m.dataset AND p.kind = 'user' AND p.profile_id = m.source",
+            datasets,
+            sources,
+        )
+        await conn.execute(
+            f"INSERT INTO {S}.merges (dataset, source, target, reason, merge_time)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
+            " $5::timestamptz[]) ON CONFLICT DO NOTHING",
+            datasets,
+            sources,
+            targets,
+            [reason for _, _, reason, _ in merges],
+            [moment for _, _, _, moment in merges],
+        )
+
+    async def write_profiles(
+        self, conn: asyncpg.Connection, states: Sequence[ProfileState]
+    ) -> None:
+        """Writes profiles' rows (sequence included); the rows exist and are locked."""
+        if not states:
+            return
+        columns: dict[str, list[Any]] = {name: [] for name in _WRITTEN_COLUMNS}
+        for state in states:
+            row = evaluation_columns(state)
+            row["sequence"] = state.sequence
+            row["known"] = state.known
+            row["user_count"] = 0
+            row["event_count"] = state.event_count
+            row["state"] = state_blob(state)
+            for name, values in columns.items():
+                values.append(row[name])
+        await conn.execute(
+            _WRITE_PROFILES,
+            USER,
+            [state.dataset for state in states],
+            [state.profile_id for state in states],
+            *columns.values(),
+        )
+
+    async def write_accounts(
+        self, conn: asyncpg.Connection, accounts: Sequence[AccountState]
+    ) -> None:
+        if not accounts:
+            return
+        columns: dict[str, list[Any]] = {name: [] for name in _WRITTEN_COLUMNS}
+        for account in accounts:
+            row = evaluation_columns(account)
+            row["sequence"] = account.sequence
+            row["known"] = False
+            row["user_count"] = account.user_count
+            row["event_count"] = 0
+            row["state"] = None
+            for name, values in columns.items():
+                values.append(row[name])
+        await conn.execute(
+            _WRITE_PROFILES,
+            ACCOUNT,
+            [account.dataset for account in accounts],
+            [account.account_id for account in accounts],
+            *columns.values(),
+        )
+
+    async def write_buckets(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[str, str, str, BucketState]],
+    ) -> None:
+        """Upserts buckets: ``(dataset, profile_id, aggregate_id, bucket)``."""
+        if not rows:
+            return
+        await conn.execute(
+            f"INSERT INTO {S}.aggregate_buckets (dataset, kind, profile_id, aggregate_id,"
+            " bucket_start, count, sum, min, max, first_time, last_time, distinct_values)"
+            " SELECT dataset, 'user', profile_id, aggregate_id, bucket_start, count, sum, min,"
+            " max, first_time, last_time,"
+            " CASE WHEN dv IS NULL THEN '{}'::text[]"
+            " ELSE ARRAY(SELECT jsonb_array_elements_text(dv::jsonb)) END"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[],"
+            " $6::float8[], $7::float8[], $8::float8[], $9::timestamptz[], $10::timestamptz[],"
+            " $11::text[]) AS u(dataset, profile_id, aggregate_id, bucket_start, count, sum,"
+            " min, max, first_time, last_time, dv)"
+            " ON CONFLICT (dataset, kind, profile_id, aggregate_id, bucket_start) DO UPDATE SET"
+            " count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,"
+            " max = EXCLUDED.max, first_time = EXCLUDED.first_time,"
+            " last_time = EXCLUDED.last_time, distinct_values = EXCLUDED.distinct_values",
+            [row[0] for row in rows],
+            [row[1] for row in rows],
+            [row[2] for row in rows],
+            [datetime_from_micros(row[3].start) for row in rows],
+            [row[3].count for row in rows],
+            [row[3].sum for row in rows],
+            [row[3].min for row in rows],
+            [row[3].max for row in rows],
+            [_moment(row[3].first_time) for row in rows],
+            [_moment(row[3].last_time) for row in rows],
+            [_distinct_json(row[3].distinct_values) for row in rows],
+        )
+
+    async def delete_buckets(
+        self, conn: asyncpg.Connection, rows: Sequence[tuple[str, str, str, int]]
+    ) -> None:
+        """Deletes buckets: ``(dataset, profile_id, aggregate_id, bucket_start)``."""
+        if not rows:
+            return
+        await conn.execute(
+            f"DELETE FROM {S}.aggregate_buckets b USING unnest($1::text[], $2::text[],"
+            " $3::text[], $4::timestamptz[]) AS u(dataset, profile_id, aggregate_id, bucket_start)"
+            " WHERE b.dataset = u.dataset AND b.kind = 'user' AND b.profile_id = u.profile_id"
+            " AND b.aggregate_id = u.aggregate_id AND b.bucket_start = u.bucket_start",
+            [row[0] for row in rows],
+            [row[1] for row in rows],
+            [row[2] for row in rows],
+            [datetime_from_micros(row[3]) for row in rows],
+        )
+
+
+def _moment(micros: int | None) -> datetime | None:
+    return None if micros is None else datetime_from_micros(micros)
+
+
+def _distinct_json(values: Sequence[str]) -> str | None:
+    return json.dumps(list(values), ensure_ascii=False) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class Backfill:
+    """A backfill in progress: the aggregates being filled, and the last profile done."""
+
+    dataset: str
+    aggregate_ids: list[str]
+    cursor: str | None
+
+
+class Registry:
+    """The aggregate catalogue and its backfills (``aggregate_specs``, ``backfills``)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def register(
+        self, dataset: str, specs: Sequence[profile_pb2.AggregateSpec]
+    ) -> list[profile_pb2.AggregateSpec]:
+        """Stores canonical specs (with ids): new ones, and known ones whose retention grows,
+        are filled again from the history. Returns the stored specs, in request order."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # One registration per dataset at a time: versions and backfills stay in step.
+            await conn.execute(
+                f"INSERT INTO {S}.aggregate_catalogs (dataset, version) VALUES ($1, 0)"
+                " ON CONFLICT DO NOTHING",
+                dataset,
+            )
+            await conn.fetchval(
+                f"SELECT version FROM {S}.aggregate_catalogs WHERE dataset = $1 FOR UPDATE",
+                dataset,
+            )
+            ids = sorted({spec.aggregate_id for spec in specs})
+            rows = await conn.fetch(
+                f"SELECT aggregate_id, spec, state FROM {S}.aggregate_specs"
+                " WHERE dataset = $1 AND aggregate_id = ANY($2::text[])",
+                dataset,
+                ids,
+            )
+            stored = {row["aggregate_id"]: row for row in rows}
+            changed: dict[str, profile_pb2.AggregateSpec] = {}
+            result: dict[str, profile_pb2.AggregateSpec] = {}
+            for spec in specs:
+                if spec.aggregate_id in result:
+                    current = result[spec.aggregate_id]
+                elif spec.aggregate_id in stored:
+                    current = profile_pb2.AggregateSpec.FromString(
+                        stored[spec.aggregate_id]["spec"]
+                    )
+                    current.state = stored[spec.aggregate_id]["state"]
+                else:
+                    current = profile_pb2.AggregateSpec()
+                    current.CopyFrom(spec)
+                    current.state = AGGREGATE_BACKFILLING  # type: ignore[assignment]
+                    changed[spec.aggregate_id] = current
+                if _longer(spec.retention, current.retention):
+                    current.retention.CopyFrom(spec.retention)
+                    current.state = AGGREGATE_BACKFILLING  # type: ignore[assignment]
+                    changed[spec.aggregate_id] = current
+                result[spec.aggregate_id] = current
+            if changed:
+                await conn.executemany(
+                    f"INSERT INTO {S}.aggregate_specs"
+                    " (dataset, aggregate_id, event_name, spec, state) VALUES ($1, $2, $3, $4, $5)"
+                    " ON CONFLICT (dataset, aggregate_id) DO UPDATE SET spec = EXCLUDED.spec,"
+                    " state = EXCLUDED.state, ready_time = NULL",
+                    [
+                        (dataset, key, spec.event_name, _without_state(spec), spec.state)
+                        for key, spec in sorted(changed.items())
+                    ],
+                )
+                await conn.execute(
+                    f"UPDATE {S}.aggregate_catalogs SET version = version + 1 WHERE dataset = $1",
+                    dataset,
+                )
+                # Start over from the first profile with every aggregate still to fill.
+                await conn.execute(
+                    f"INSERT INTO {S}.backfills (dataset, aggregate_ids) VALUES ($1, $2)"
+                    " ON CONFLICT (dataset) DO UPDATE SET aggregate_ids = ARRAY("
+                    "SELECT DISTINCT unnest(backfills.aggregate_ids || EXCLUDED.aggregate_ids)"
+                    " ORDER BY 1), cursor = NULL, done_count = 0, start_time = now()",
+                    dataset,
+                    sorted(changed),
+                )
+            return [result[spec.aggregate_id] for spec in specs]
+
+    async def page(self, dataset: str, after: str, limit: int) -> list[profile_pb2.AggregateSpec]:
+        rows = await self.pool.fetch(
+            f"SELECT spec, state FROM {S}.aggregate_specs WHERE dataset = $1"
+            " AND aggregate_id > $2 ORDER BY aggregate_id LIMIT $3",
+            dataset,
+            after,
+            limit,
+        )
+        specs = []
+        for row in rows:
+            spec = profile_pb2.AggregateSpec.FromString(row["spec"])
+            spec.state = row["state"]
+            specs.append(spec)
+        return specs
+
+    async def claim(self, conn: asyncpg.Connection) -> Backfill | None:
+        """Locks the oldest backfill no other replica holds, if any."""
+        row = await conn.fetchrow(
+            f"SELECT dataset, aggregate_ids, cursor FROM {S}.backfills"
+            " ORDER BY start_time LIMIT 1 FOR UPDATE SKIP LOCKED"
+        )
+        if row is None:
+            return None
+        return Backfill(row["dataset"], list(row["aggregate_ids"]), row["cursor"])
+
+    async def backfill_specs(
+        self, conn: asyncpg.Connection, dataset: str, ids: Sequence[str]
+    ) -> list[profile_pb2.AggregateSpec]:
+        rows = await conn.fetch(
+            f"SELECT spec FROM {S}.aggregate_specs WHERE dataset = $1"
+            " AND aggregate_id = ANY($2::text[]) ORDER BY aggregate_id",
+            dataset,
+            list(ids),
+        )
+        return [profile_pb2.AggregateSpec.FromString(row["spec"]) for row in rows]
+
+    async def lock_page(
+        self, conn: asyncpg.Connection, dataset: str, cursor: str | None, limit: int
+    ) -> list[tuple[str, int]]:
+        """Locks the next profiles after ``cursor`` in id order; returns ids and sequences."""
+        rows = await conn.fetch(
+            f"SELECT profile_id, sequence FROM {S}.profiles WHERE dataset = $1 AND kind = 'user'"
+            " AND profile_id > $2 ORDER BY profile_id LIMIT $3 FOR UPDATE",
+            dataset,
+            cursor or "",
+            limit,
+        )
+        return [(row["profile_id"], row["sequence"]) for row in rows]
+
+    async def history(
+        self,
+        conn: asyncpg.Connection,
+        dataset: str,
+        profile_ids: Sequence[str],
+        names: Sequence[str] | None,
+    ) -> dict[str, list[bytes]]:
+        """Profiles' events, oldest first; only those named ``names`` unless it is None."""
+        rows = await conn.fetch(
+            f"SELECT profile_id, payload FROM {S}.events WHERE dataset = $1"
+            " AND profile_id = ANY($2::text[]) AND ($3::text[] IS NULL OR name = ANY($3::text[]))"
+            " ORDER BY profile_id, occurred_at, event_id",
+            dataset,
+            list(profile_ids),
+            None if names is None else list(names),
+        )
+        found: dict[str, list[bytes]] = {}
+        for row in rows:
+            found.setdefault(row["profile_id"], []).append(row["payload"])
+        return found
+
+    async def advance(self, conn: asyncpg.Connection, dataset: str, cursor: str, done: int) -> None:
+        await conn.execute(
+            f"UPDATE {S}.backfills SET cursor = $2, done_count = done_count + $3"
+            " WHERE dataset = $1",
+            dataset,
+            cursor,
+            done,
+        )
+
+    async def finish(self, conn: asyncpg.Connection, backfill: Backfill) -> None:
+        await conn.execute(
+            f"UPDATE {S}.aggregate_specs SET state = $3, ready_time = now()"
+            " WHERE dataset = $1 AND aggregate_id = ANY($2::text[])",
+            backfill.dataset,
+            backfill.aggregate_ids,
+            AGGREGATE_READY,
+        )
+        await conn.execute(f"DELETE FROM {S}.backfills WHERE dataset = $1", backfill.dataset)
+
+
+def _longer(new: duration_pb2.Duration, old: duration_pb2.Duration) -> bool:
+    """Whether retention ``new`` keeps more than ``old`` (zero keeps everything)."""
+    new_micros: int = new.seconds * 1_000_000 + new.nanos // 1000
+    old_micros: int = old.seconds * 1_000_000 + old.nanos // 1000
+    if old_micros == 0:
+        return False
+    return new_micros == 0 or new_micros > old_micros
+
+
+def _without_state(spec: profile_pb2.AggregateSpec) -> bytes:
+    copy = profile_pb2.AggregateSpec()
+    copy.CopyFrom(spec)
+    copy.ClearField("state")
+    return copy.SerializeToString()
+
+
+class Reader:
+    """The reads behind the service's RPCs, outside any unit of work."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def owner(self, dataset: str, kind: str, value: str) -> str | None:
+        result: str | None = await self.pool.fetchval(
+            f"SELECT profile_id FROM {S}.identities WHERE dataset = $1 AND type = $2"
+            " AND value = $3",
+            dataset,
+            kind,
+            value,
+        )
+        return result
+
+    async def merged_into(self, dataset: str, profile_id: str) -> str | None:
+        result: str | None = await self.pool.fetchval(
+            f"SELECT target FROM {S}.merges WHERE dataset = $1 AND source = $2"
+            " ORDER BY merge_time DESC LIMIT 1",
+            dataset,
+            profile_id,
+        )
+        return result
+
+    async def events(
+        self,
+        dataset: str,
+        profile_id: str,
+        *,
+        limit: int,
+        name: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        before: tuple[datetime, str] | None = None,
+    ) -> list[tuple[datetime, str, bytes]]:
+        """A profile's events, newest first: ``(occurred_at, event_id, payload)``."""
+        rows = await self.pool.fetch(
+            f"SELECT occurred_at, event_id, payload FROM {S}.events"
+            " WHERE dataset = $1 AND profile_id = $2"
+            " AND ($3::text IS NULL OR name = $3)"
+            " AND ($4::timestamptz IS NULL OR occurred_at >= $4)"
+            " AND ($5::timestamptz IS NULL OR occurred_at < $5)"
+            " AND ($6::timestamptz IS NULL OR (occurred_at, event_id) < ($6, $7::text))"
+            " ORDER BY occurred_at DESC, event_id DESC LIMIT $8",
+            dataset,
+            profile_id,
+            name,
+            start,
+            end,
+            None if before is None else before[0],
+            None if before is None else before[1],
+            limit,
+        )
+        return [(row["occurred_at"], row["event_id"], row["payload"]) for row in rows]
+
+    async def account_users(
+        self, dataset: str, account_id: str, after: str, limit: int
+    ) -> list[str]:
+        rows = await self.pool.fetch(
+            f"SELECT profile_id FROM {S}.profiles WHERE dataset = $1 AND kind = 'user'"
+            " AND account_id = $2 AND profile_id > $3 ORDER BY profile_id LIMIT $4",
+            dataset,
+            account_id,
+            after,
+            limit,
+        )
+        return [row["profile_id"] for row in rows]
+
+
+class Eraser:
+    """Erasure (GDPR) and the release of erased identities."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def erase(self, conn: asyncpg.Connection, state: ProfileState, moment: datetime) -> int:
+        """Deletes every trace of a locked profile and records its identities as erased;
+        returns how many events were deleted."""
+        dataset, profile_id = state.dataset, state.profile_id
+        identities = set(state.identities)
+        identities.update((kind, value) for kind, value in await self._identities(conn, state))
+        deleted = await conn.fetchval(
+            f"WITH gone AS (DELETE FROM {S}.events WHERE dataset = $1 AND profile_id = $2"
+            " RETURNING 1) SELECT count(*) FROM gone",
+            dataset,
+            profile_id,
+        )
+        await conn.execute(
+            f"DELETE FROM {S}.identities WHERE dataset = $1 AND profile_id = $2",
+            dataset,
+            profile_id,
+        )
+        merged = [profile_id, *state.merged_profiles]
+        await conn.execute(
+            f"DELETE FROM {S}.merges WHERE dataset = $1"
+            " AND (source = ANY($2::text[]) OR target = ANY($2::text[]))",
+            dataset,
+            merged,
+        )
+        # The buckets go with the row (ON DELETE CASCADE).
+        await conn.execute(
+            f"DELETE FROM {S}.profiles WHERE dataset = $1 AND kind = 'user' AND profile_id = $2",
+            dataset,
+            profile_id,
+        )
+        hashes = sorted(identity_hash(dataset, kind, value) for kind, value in identities)
+        await conn.execute(
+            f"INSERT INTO {S}.erased_identities (dataset, identity_hash, erase_time)"
+            " SELECT $1, h, $3 FROM unnest($2::bytea[]) AS h"
+            " ON CONFLICT (dataset, identity_hash) DO UPDATE SET erase_time = EXCLUDED.erase_time",
+            dataset,
+            hashes,
+            moment,
+        )
+        await conn.execute(
+            f"INSERT INTO {S}.erasures (dataset, erase_time, identity_hashes, deleted_event_count)"
+            " VALUES ($1, $2, $3, $4)",
+            dataset,
+            moment,
+            hashes,
+            deleted,
+        )
+        return int(deleted)
+
+    async def _identities(
+        self, conn: asyncpg.Connection, state: ProfileState
+    ) -> list[tuple[str, str]]:
+        rows = await conn.fetch(
+            f"SELECT type, value FROM {S}.identities WHERE dataset = $1 AND profile_id = $2",
+            state.dataset,
+            state.profile_id,
+        )
+        return [(row["type"], row["value"]) for row in rows]
+
+    async def release(self, dataset: str, hashes: Sequence[bytes]) -> int:
+        released = await self.pool.fetchval(
+            f"WITH gone AS (DELETE FROM {S}.erased_identities WHERE dataset = $1"
+            " AND identity_hash = ANY($2::bytea[]) RETURNING 1) SELECT count(*) FROM gone",
+            dataset,
+            list(hashes),
+        )
+        return int(released)

@@ -325,7 +325,8 @@ def _span(series: Series, low: int, high: int) -> tuple[int, int]:
 def window_count(series: Series | None, low: int, high: int) -> int:
     if series is None:
         return 0
-    i, j = _span(series, low, high)
+    starts = series.starts
+    i, j = bisect_left(starts, low), bisect_right(starts, high)
     if j - i == 1:
         return series.counts[i]
     return sum(series.counts[i:j])

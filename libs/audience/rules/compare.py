@@ -225,8 +225,8 @@ def _dynamic(operator: int, operand: object, x: Var, ns: Namespace) -> str:
     if operator == _O.OPERATOR_CONTAINS:
         c = ns.const(operand)
         if isinstance(operand, str):
-            text = f"(type({x}) is str and {c} in {x})"
-            return f"({text} or (type({x}) is list and _list_has({x}, {c})))"
+            # A substring of a string, or an element of a list: a string equals only a string.
+            return f"((type({x}) is str or type({x}) is list) and {c} in {x})"
         return f"(type({x}) is list and _list_has({x}, {c}))"
     if operator in (_O.OPERATOR_STARTS_WITH, _O.OPERATOR_ENDS_WITH):
         c = ns.const(operand)

@@ -482,7 +482,12 @@ class Consumer:
         return list(self._partition_of_key.values())
 
     async def read(self) -> list[Delivery]:
-        """Returns the next deliveries, up to ``count`` per partition; empty if none came."""
+        """Returns the next deliveries, up to ``count`` per partition; empty if none came.
+
+        A cancellation of the calling task is raised even when it was swallowed under the
+        read (see ``_raise_if_cancelled``); the entries read then stay pending, to be
+        delivered again.
+        """
         deliveries = await self._next()
         _raise_if_cancelled()
         return deliveries

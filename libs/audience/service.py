@@ -53,7 +53,17 @@ class Resources:
         pool_size: int,
     ) -> Resources:
         """Opens the PostgreSQL pool and the Redis client; closes both if either fails."""
-        redis = Redis.from_url(redis_url, max_connections=max(64, pool_size * 4))
+        # No socket_timeout: redis-py then wraps every send in asyncio.wait_for, which on
+        # Python 3.11 can swallow a task's cancellation (CPython gh-86296), leaving consumer
+        # loops running after shutdown. TCP keepalive and health checks find dead peers.
+        redis = Redis.from_url(
+            redis_url,
+            max_connections=max(64, pool_size * 4),
+            socket_timeout=None,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=30,
+        )
         try:
             await redis.ping()
             postgres = await db.create_pool(

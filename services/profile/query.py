@@ -91,7 +91,10 @@ class ProfileQuery:
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             total = await conn.fetchval(
-                f'SELECT count(*) FROM "{SCHEMA}".profiles AS p WHERE {scope}', dataset, kind
+                f'SELECT count(*) FROM "{SCHEMA}".profiles AS p'
+                " WHERE p.dataset = $1::text AND p.kind = $2::text",
+                dataset,
+                kind,
             )
             if count_only:
                 matched = await conn.fetchval(

@@ -42,6 +42,7 @@ from services.profile.domain.model import (
 __all__ = [
     "AGGREGATE_BACKFILLING",
     "AGGREGATE_READY",
+    "EVALUATION_COLUMN_TYPES",
     "EventRow",
     "ProfileStore",
     "identity_hash",
@@ -55,7 +56,7 @@ AGGREGATE_BACKFILLING = 1
 AGGREGATE_READY = 2
 
 # The SQL type of each typed column of `profiles` (the evaluation schema's).
-_COLUMN_TYPES: Mapping[str, str] = {
+EVALUATION_COLUMN_TYPES: Mapping[str, str] = {
     "attributes": "text",
     "session_start": "timestamptz",
     "cart_value": "float8",
@@ -99,10 +100,12 @@ _OWN_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 def _write_statement() -> str:
-    missing = [name for name in EVALUATION_COLUMNS if name not in _COLUMN_TYPES]
+    missing = [name for name in EVALUATION_COLUMNS if name not in EVALUATION_COLUMN_TYPES]
     if missing:
         raise RuntimeError(f"evaluation columns without a known SQL type: {missing}")
-    columns = [(name, _COLUMN_TYPES[name]) for name in EVALUATION_COLUMNS] + list(_OWN_COLUMNS)
+    columns = [(name, EVALUATION_COLUMN_TYPES[name]) for name in EVALUATION_COLUMNS] + list(
+        _OWN_COLUMNS
+    )
     arrays = ", ".join(f"${i + 4}::{kind}[]" for i, (_, kind) in enumerate(columns))
     names = ", ".join(name for name, _ in columns)
     sets = ", ".join(

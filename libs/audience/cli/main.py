@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from audience.cli.export import export
+from audience.cli.profiles import accounts, profiles
 from audience.cli.segments import explain, members, segments, watch
 from audience.cli.suite import health, migrate, up
 
@@ -27,6 +28,8 @@ cli.add_command(segments)
 cli.add_command(watch)
 cli.add_command(explain)
 cli.add_command(members)
+cli.add_command(profiles)
+cli.add_command(accounts)
 
 
 def main() -> None:

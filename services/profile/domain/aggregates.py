@@ -203,7 +203,7 @@ def count_facts(
             if observation is None:
                 continue
             start = observation.bucket_start
-            if matcher.retention and start < now - matcher.retention:
+            if matcher.retention and matcher.width and start < now - matcher.retention:
                 continue
             aggregate_id = matcher.aggregate_id
             series = aggregates.get(aggregate_id)
@@ -216,7 +216,8 @@ def count_facts(
 def prune(
     state: ProfileState, index: AggregateIndex, touch: Touch, now: int, only: Iterable[str] = ()
 ) -> None:
-    """Drops buckets past their aggregate's retention.
+    """Drops buckets that start before ``now - retention``. An all-time aggregate (width 0)
+    has one bucket, which never expires.
 
     Args:
         only: the aggregate ids to look at; every aggregate of the profile when empty.
@@ -227,7 +228,7 @@ def prune(
         if series is None:
             continue
         matcher = index.matchers.get(aggregate_id)
-        if matcher is None or not matcher.retention:
+        if matcher is None or not matcher.retention or not matcher.width:
             continue
         cutoff = now - matcher.retention
         starts = [start for start in series.buckets if start < cutoff]

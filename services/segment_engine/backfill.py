@@ -30,7 +30,7 @@ from audience.errors import AudienceError
 from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.domain.model import Cause, Kind, SegmentState
 from services.segment_engine.processor import Processor
-from services.segment_engine.profile_client import ProfileQueries
+from services.segment_engine.profile_client import ProfileQueries, QueryChunk
 from services.segment_engine.references import referenced_segments
 from services.segment_engine.rules import CompiledSegmentRule
 from services.segment_engine.store.members import MemberStore
@@ -44,6 +44,23 @@ _log = logging.getLogger(__name__)
 _ATTEMPTS = 6
 _RETRY_BASE = 0.5
 _RETRY_MAX = 60.0
+_READ_AHEAD = 4
+# Seconds between progress reports (and checks that the version is still current).
+_PROGRESS_EVERY = 0.25
+
+
+async def _next_chunk(
+    chunks: asyncio.Queue[QueryChunk | None], reader: asyncio.Task[None]
+) -> QueryChunk | None:
+    """The next chunk read, or None at the end; raises what the reader raised."""
+    getting = asyncio.ensure_future(chunks.get())
+    await asyncio.wait({getting, reader}, return_when=asyncio.FIRST_COMPLETED)
+    if getting.done():
+        return getting.result()
+    getting.cancel()
+    reader.result()
+    # The reader ended cleanly: its final None is in the queue.
+    return await chunks.get()
 
 
 class _SupersededError(Exception):
@@ -194,8 +211,7 @@ class Backfiller:
         _log.info("segment %s/%s version %d backfilled", dataset, segment_id, version)
 
     async def _check(self, dataset: str, segment_id: str, version: int) -> None:
-        record = await self._segments.get(dataset, segment_id)
-        if record is None or record.version != version:
+        if await self._segments.version(dataset, segment_id) != version:
             raise _SupersededError
 
     async def _merge(
@@ -206,23 +222,51 @@ class Backfiller:
         started = self._clock()
         cursor = ""
         done = 0
-        async for chunk in self._profiles.query(
-            dataset,
-            kind,
-            rule.rule,
-            referenced,
-            evaluation_time=started,
-            chunk_size=self._chunk,
-        ):
-            if chunk.ids:
-                await self._apply_range(
-                    dataset, segment_id, kind, version, started, cursor, chunk.ids[-1], chunk.ids
-                )
-                cursor = chunk.ids[-1]
-            done = max(done, chunk.scanned)
-            await self._check(dataset, segment_id, version)
-            await self._segments.progress(dataset, segment_id, version, done, chunk.total)
-            await asyncio.sleep(0)
+        # The query streams on while chunks already read are merged (a few ahead at most).
+        chunks: asyncio.Queue[QueryChunk | None] = asyncio.Queue(maxsize=_READ_AHEAD)
+
+        async def read() -> None:
+            async for chunk in self._profiles.query(
+                dataset,
+                kind,
+                rule.rule,
+                referenced,
+                evaluation_time=started,
+                chunk_size=self._chunk,
+            ):
+                await chunks.put(chunk)
+            await chunks.put(None)
+
+        reader = asyncio.create_task(read())
+        pending: list[str] = []
+        total = 0
+        reported = 0.0
+        try:
+            while True:
+                chunk = await _next_chunk(chunks, reader)
+                if chunk is not None:
+                    pending.extend(chunk.ids)
+                    done = max(done, chunk.scanned)
+                    total = chunk.total
+                    if len(pending) < self._chunk:
+                        continue
+                if pending:
+                    await self._apply_range(
+                        dataset, segment_id, kind, version, started, cursor, pending[-1], pending
+                    )
+                    cursor = pending[-1]
+                    pending = []
+                if time.monotonic() - reported >= _PROGRESS_EVERY or chunk is None:
+                    await self._check(dataset, segment_id, version)
+                    await self._segments.progress(dataset, segment_id, version, done, total)
+                    reported = time.monotonic()
+                if chunk is None:
+                    break
+                await asyncio.sleep(0)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         await self._apply_range(dataset, segment_id, kind, version, started, cursor, None, [])
 
     async def _apply_range(

@@ -37,6 +37,7 @@ from services.segment_engine.domain.evaluation import (
 from services.segment_engine.domain.model import (
     Cause,
     Change,
+    ChangeKind,
     Kind,
     Membership,
     Reason,
@@ -131,6 +132,9 @@ class _Unit:
         self.changes: list[tuple[str, Change]] = []
         self.deltas: defaultdict[str, dict[tuple[str, str], int]] = defaultdict(dict)
         self.triggers: dict[tuple[str, str], _AccountTrigger] = {}
+        # Membership rows changed outside a loaded subject (the bulk path of forced changes).
+        self.bulk = WriteBatch()
+        self.bulk_members: set[Key] = set()
 
     async def load(self, keys: Iterable[Key], *, skip_locked: bool = False) -> list[Key]:
         """Locks and reads subjects not loaded yet; returns those now loaded, in order."""
@@ -149,7 +153,7 @@ class _Unit:
         timers = await state.timers(self.conn, found)
         accounts = [(key[0], key[2]) for key in found if key[1] == Kind.ACCOUNT]
         counts = await state.rollup_counts(self.conn, accounts)
-        await self._catalogs({key[0] for key in found})
+        await self.catalogs_of({key[0] for key in found})
         for key in found:
             row = rows[key]
             subject = Subject(
@@ -175,7 +179,7 @@ class _Unit:
             self.loaded[key] = loaded
         return found
 
-    async def _catalogs(self, datasets: set[str]) -> None:
+    async def catalogs_of(self, datasets: set[str]) -> None:
         missing = datasets - self.catalogs.keys()
         if not missing:
             return
@@ -298,6 +302,38 @@ class _Unit:
         )
         self.collect(loaded.row.dataset, outcome, cause, ())
 
+    def bulk_force(
+        self,
+        dataset: str,
+        kind: Kind,
+        subject_id: str,
+        segment_id: str,
+        version: int,
+        member: bool,
+        cause: Cause,
+    ) -> None:
+        """Records a forced change that nothing else depends on, without loading the subject
+        (its row is locked by this transaction)."""
+        if member:
+            self.bulk.joins.append((dataset, segment_id, subject_id, int(kind), version, self.now))
+        else:
+            self.bulk.leaves.append((dataset, segment_id, subject_id))
+        self.bulk_members.add((dataset, int(kind), subject_id))
+        self.changes.append(
+            (
+                dataset,
+                Change(
+                    kind=kind,
+                    subject_id=subject_id,
+                    segment_id=segment_id,
+                    segment_version=version,
+                    change=ChangeKind.JOIN if member else ChangeKind.LEAVE,
+                    time=self.now,
+                    reason=Reason(cause),
+                ),
+            )
+        )
+
     def refresh_timer(self, key: Key, segment_id: str) -> None:
         loaded = self.loaded[key]
         if loaded.row.view is None:
@@ -389,10 +425,23 @@ class _Unit:
             batch.timer_diff(row.dataset, row.kind, row.subject_id, loaded.timers, subject.timers)
         for dataset, deltas in self.deltas.items():
             batch.add_rollup_deltas(dataset, deltas)
+        batch.joins.extend(self.bulk.joins)
+        batch.leaves.extend(self.bulk.leaves)
+        members |= self.bulk_members
         encode = self.processor.encode_reason
-        batch.changes = [
-            (dataset, change, encode(dataset, change.reason)) for dataset, change in self.changes
-        ]
+        # Reasons without clauses repeat (a backfill's thousands of joins): encoded once.
+        plain: dict[tuple[str, Reason], bytes] = {}
+        changes = []
+        for dataset, change in self.changes:
+            reason = change.reason
+            if reason.flipped:
+                encoded = encode(dataset, reason)
+            else:
+                encoded = plain.get((dataset, reason)) or plain.setdefault(
+                    (dataset, reason), encode(dataset, reason)
+                )
+            changes.append((dataset, change, encoded))
+        batch.changes = changes
         logged = await self.processor.state.write(self.conn, batch)
         earliest = min((timer[4] for timer in batch.timers_set), default=None)
         return Committed(logged, members, earliest)
@@ -503,9 +552,40 @@ class Processor:
             recheck_after: for a backfill, the instant its query evaluated at: a subject
                 whose stored view is newer is evaluated from that view instead.
         """
-        keys = [(dataset, int(kind), subject_id) for subject_id in sorted(decisions)]
+        ids = sorted(decisions)
 
         async def work(unit: _Unit) -> None:
+            view_times = await self.state.lock_light(unit.conn, dataset, kind, ids)
+            await unit.catalogs_of({dataset})
+            catalog = unit.catalogs[dataset]
+            name = segment_name(dataset, segment_id)
+            if catalog.dependents(segment_id) or catalog.affected_rollups(
+                [segment_dependency(name)]
+            ):
+                evaluated = ids
+            else:
+                # Nothing refers to the segment: a change is a membership row and a log row.
+                current = await self.state.members_among(unit.conn, dataset, segment_id, ids)
+                evaluated = []
+                for subject_id in ids:
+                    view_time = view_times.get(subject_id)
+                    if (
+                        recheck_after is not None
+                        and view_time is not None
+                        and view_time > recheck_after
+                    ):
+                        evaluated.append(subject_id)
+                    elif decisions[subject_id] != (subject_id in current):
+                        unit.bulk_force(
+                            dataset,
+                            kind,
+                            subject_id,
+                            segment_id,
+                            version,
+                            decisions[subject_id],
+                            cause,
+                        )
+            keys = [(dataset, int(kind), subject_id) for subject_id in evaluated]
             await unit.load(keys)
             for key in keys:
                 unit.force(key, segment_id, decisions[key[2]], version, cause, recheck_after)

@@ -7,7 +7,6 @@ import csv
 import io
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import asyncpg
 
@@ -443,37 +442,9 @@ class Segments:
                     version = await self._imports.bump_version(dataset, segment_id, self._clock())
                     if version is None:
                         raise _not_found(dataset, segment_id)
-                    joined = left = 0
-                    if mode in (ImportMode.REPLACE, ImportMode.ADD):
-                        joined = await self._apply(
-                            dataset,
-                            record.kind,
-                            segment_id,
-                            version,
-                            True,
-                            self._imports.joining,
-                            import_id,
-                        )
-                    if mode == ImportMode.REMOVE:
-                        left = await self._apply(
-                            dataset,
-                            record.kind,
-                            segment_id,
-                            version,
-                            False,
-                            self._imports.removing,
-                            import_id,
-                        )
-                    if mode == ImportMode.REPLACE:
-                        left = await self._apply(
-                            dataset,
-                            record.kind,
-                            segment_id,
-                            version,
-                            False,
-                            self._imports.unlisted,
-                            import_id,
-                        )
+                    joined, left = await self._apply_upload(
+                        dataset, record.kind, segment_id, version, mode, import_id
+                    )
                 finally:
                     await lock.execute(
                         "SELECT pg_advisory_unlock($1)", work_lock_key(dataset, segment_id)
@@ -482,34 +453,49 @@ class Segments:
             await self._imports.end(import_id)
         return ImportResult(await self.get(dataset, segment_id), joined, left, rejected)
 
-    async def _apply(
-        self,
-        dataset: str,
-        kind: Kind,
-        segment_id: str,
-        version: int,
-        member: bool,
-        select: Callable[..., Any],
-        import_id: int,
-    ) -> int:
-        count = 0
+    async def _apply_upload(
+        self, dataset: str, kind: Kind, segment_id: str, version: int, mode: int, import_id: int
+    ) -> tuple[int, int]:
+        """Joins and leaves of an upload, a page of ids at a time (pages read by index
+        range, so a million ids cost a thousand small queries, not a large join)."""
+        joined = left = 0
         after = ""
         while True:
-            ids: list[str] = await select(
-                import_id, dataset, segment_id, after=after, limit=self._chunk
-            )
+            ids = await self._imports.staged(import_id, after=after, limit=self._chunk)
             if not ids:
-                return count
-            await self._processor.force(
-                dataset,
-                kind,
-                segment_id,
-                version,
-                Cause.SEGMENT_CHANGED,
-                dict.fromkeys(ids, member),
-            )
-            count += len(ids)
+                break
             after = ids[-1]
+            current = await self._imports.members_among(dataset, segment_id, ids)
+            if mode == ImportMode.REMOVE:
+                decisions = dict.fromkeys((i for i in ids if i in current), False)
+            else:
+                decisions = dict.fromkeys((i for i in ids if i not in current), True)
+            if decisions:
+                await self._force(dataset, kind, segment_id, version, decisions)
+            joined += sum(decisions.values())
+            left += len(decisions) - sum(decisions.values())
+        if mode == ImportMode.REPLACE:
+            after = ""
+            while True:
+                members = await self._members.member_ids(
+                    dataset, segment_id, after=after, limit=self._chunk
+                )
+                if not members:
+                    break
+                after = members[-1]
+                kept = await self._imports.staged_among(import_id, members)
+                decisions = dict.fromkeys((m for m in members if m not in kept), False)
+                if decisions:
+                    await self._force(dataset, kind, segment_id, version, decisions)
+                left += len(decisions)
+        return joined, left
+
+    async def _force(
+        self, dataset: str, kind: Kind, segment_id: str, version: int, decisions: dict[str, bool]
+    ) -> None:
+        await self._processor.force(
+            dataset, kind, segment_id, version, Cause.SEGMENT_CHANGED, decisions
+        )
 
     async def _stage(self, import_id: int, chunks: AsyncIterator[Sequence[str] | bytes]) -> int:
         rejected = 0

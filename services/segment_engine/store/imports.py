@@ -52,65 +52,39 @@ class ImportStore:
                     [r[0] for r in stale],
                 )
 
-    async def joining(
-        self, import_id: int, dataset: str, segment_id: str, *, after: str, limit: int
-    ) -> list[str]:
-        """Staged ids that are not members, by id."""
+    async def staged(self, import_id: int, *, after: str, limit: int) -> list[str]:
+        """A page of the upload's ids, by id."""
         records = await self.pool.fetch(
-            """
-            SELECT i.subject_id FROM segment_engine.import_ids AS i
-            WHERE i.import_id = $1 AND i.subject_id > $4
-              AND NOT EXISTS (SELECT 1 FROM segment_engine.memberships AS m WHERE m.dataset = $2
-                              AND m.segment_id = $3 AND m.subject_id = i.subject_id)
-            ORDER BY i.subject_id LIMIT $5
-            """,
+            "SELECT subject_id FROM segment_engine.import_ids"
+            " WHERE import_id = $1 AND subject_id > $2 ORDER BY subject_id LIMIT $3",
             import_id,
-            dataset,
-            segment_id,
             after,
             limit,
         )
         return [r[0] for r in records]
 
-    async def removing(
-        self, import_id: int, dataset: str, segment_id: str, *, after: str, limit: int
-    ) -> list[str]:
-        """Staged ids that are members, by id."""
+    async def staged_among(self, import_id: int, subject_ids: Sequence[str]) -> set[str]:
+        """Which of the ids the upload holds."""
         records = await self.pool.fetch(
-            """
-            SELECT i.subject_id FROM segment_engine.import_ids AS i
-            JOIN segment_engine.memberships AS m ON m.dataset = $2 AND m.segment_id = $3
-                                 AND m.subject_id = i.subject_id
-            WHERE i.import_id = $1 AND i.subject_id > $4
-            ORDER BY i.subject_id LIMIT $5
-            """,
+            "SELECT subject_id FROM segment_engine.import_ids"
+            " WHERE import_id = $1 AND subject_id = ANY($2::text[])",
             import_id,
-            dataset,
-            segment_id,
-            after,
-            limit,
+            list(subject_ids),
         )
-        return [r[0] for r in records]
+        return {r[0] for r in records}
 
-    async def unlisted(
-        self, import_id: int, dataset: str, segment_id: str, *, after: str, limit: int
-    ) -> list[str]:
-        """Members that are not staged, by id."""
+    async def members_among(
+        self, dataset: str, segment_id: str, subject_ids: Sequence[str]
+    ) -> set[str]:
+        """Which of the ids are members of the segment."""
         records = await self.pool.fetch(
-            """
-            SELECT m.subject_id FROM segment_engine.memberships AS m
-            WHERE m.dataset = $2 AND m.segment_id = $3 AND m.subject_id > $4
-              AND NOT EXISTS (SELECT 1 FROM segment_engine.import_ids AS i WHERE i.import_id = $1
-                              AND i.subject_id = m.subject_id)
-            ORDER BY m.subject_id LIMIT $5
-            """,
-            import_id,
+            "SELECT subject_id FROM segment_engine.memberships"
+            " WHERE dataset = $1 AND segment_id = $2 AND subject_id = ANY($3::text[])",
             dataset,
             segment_id,
-            after,
-            limit,
+            list(subject_ids),
         )
-        return [r[0] for r in records]
+        return {r[0] for r in records}
 
     async def bump_version(self, dataset: str, segment_id: str, update_time: int) -> int | None:
         """Raises an imported segment's version; None when it is gone."""

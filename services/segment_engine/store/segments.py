@@ -174,6 +174,16 @@ class SegmentStore:
             )
         return revision or 0, [_record(r) for r in records]
 
+    async def version(self, dataset: str, segment_id: str) -> int | None:
+        """A live segment's version; None when it is gone."""
+        version = await self.pool.fetchval(
+            "SELECT version FROM segment_engine.segments"
+            " WHERE dataset = $1 AND segment_id = $2 AND NOT deleting",
+            dataset,
+            segment_id,
+        )
+        return None if version is None else int(version)
+
     async def revision(self, dataset: str) -> int:
         revision = await self.pool.fetchval(
             "SELECT revision FROM segment_engine.catalogs WHERE dataset = $1", dataset

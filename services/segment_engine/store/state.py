@@ -233,6 +233,55 @@ class StateStore:
         records = await conn.fetch(_LOCK_SKIP, *_columns(wanted))
         return {row.key: row for row in map(_row, records)}
 
+    async def lock_light(
+        self, conn: asyncpg.Connection, dataset: str, kind: Kind, subject_ids: Sequence[str]
+    ) -> dict[str, int | None]:
+        """Locks subjects of one dataset and kind (creating unknown ones) without reading
+        their views; returns each one's view time (None when it has no view)."""
+        wanted = sorted(set(subject_ids))
+        found = await self._lock_light(conn, dataset, kind, wanted)
+        missing = [subject_id for subject_id in wanted if subject_id not in found]
+        if missing:
+            await conn.execute(
+                _CREATE, [dataset] * len(missing), [int(kind)] * len(missing), missing
+            )
+            found.update(await self._lock_light(conn, dataset, kind, missing))
+        return found
+
+    async def _lock_light(
+        self, conn: asyncpg.Connection, dataset: str, kind: Kind, subject_ids: list[str]
+    ) -> dict[str, int | None]:
+        records = await conn.fetch(
+            f"""
+            SELECT s.subject_id, CASE WHEN s.view IS NULL OR s.erased THEN NULL
+                                      ELSE {micros("s.view_time")} END AS view_time
+            FROM segment_engine.subjects AS s
+            WHERE s.dataset = $1 AND s.kind = $2 AND s.subject_id = ANY($3::text[])
+            ORDER BY s.subject_id
+            FOR UPDATE OF s
+            """,
+            dataset,
+            int(kind),
+            subject_ids,
+        )
+        return {r[0]: r[1] for r in records}
+
+    async def members_among(
+        self, conn: asyncpg.Connection, dataset: str, segment_id: str, subject_ids: Sequence[str]
+    ) -> dict[str, Membership]:
+        """Which of the subjects are members of the segment."""
+        records = await conn.fetch(
+            f"""
+            SELECT subject_id, version, {micros("join_time")} AS join_time
+            FROM segment_engine.memberships
+            WHERE dataset = $1 AND segment_id = $2 AND subject_id = ANY($3::text[])
+            """,
+            dataset,
+            segment_id,
+            list(subject_ids),
+        )
+        return {r[0]: Membership(r[1], r[2]) for r in records}
+
     async def memberships(
         self, conn: asyncpg.Connection, keys: Sequence[Key]
     ) -> dict[Key, dict[str, Membership]]:

@@ -67,9 +67,11 @@ class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operator.Val
     """Present and not empty."""
 
 class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
-    """Comparison operators. A missing value compares false with every operator except
-    `NOT_EXISTS`, `IS_EMPTY` and the negative ones (`NOT_EQUALS`, `NOT_IN`,
-    `NOT_CONTAINS`), which are true of it.
+    """Comparison operators. Comparisons are typed: a value never equals or orders with a value
+    of another type (the number 1 is not the string "1"). A missing value compares false with
+    every operator except `NOT_EXISTS`, `IS_EMPTY` and the negative ones (`NOT_EQUALS`,
+    `NOT_IN`, `NOT_CONTAINS`), which are true of it; each negative operator is the exact
+    negation of its positive one.
     """
 
 OPERATOR_UNSPECIFIED: Operator.ValueType  # 0
@@ -321,7 +323,7 @@ class _TimeMeasureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TimeMeasu
     TIME_MEASURE_INSTANT: _TimeMeasure.ValueType  # 1
     """The instant itself, compared with a timestamp."""
     TIME_MEASURE_DAYS_SINCE: _TimeMeasure.ValueType  # 2
-    """Whole days elapsed since the instant, compared with a number."""
+    """Whole days (of 24 hours) elapsed since the instant, rounded down, compared with a number."""
 
 class TimeMeasure(_TimeMeasure, metaclass=_TimeMeasureEnumTypeWrapper):
     """How a time condition reads its moment."""
@@ -331,7 +333,7 @@ TIME_MEASURE_UNSPECIFIED: TimeMeasure.ValueType  # 0
 TIME_MEASURE_INSTANT: TimeMeasure.ValueType  # 1
 """The instant itself, compared with a timestamp."""
 TIME_MEASURE_DAYS_SINCE: TimeMeasure.ValueType  # 2
-"""Whole days elapsed since the instant, compared with a number."""
+"""Whole days (of 24 hours) elapsed since the instant, rounded down, compared with a number."""
 Global___TimeMeasure: _TypeAlias = TimeMeasure  # noqa: Y015
 
 class _AffinityAction:
@@ -429,6 +431,10 @@ class Rule(_message.Message):
     The text form for people (see docs/rules.md) prints and parses to exactly this tree.
     Limits: at most 16 levels deep and 500 nodes; lists of at most 1,000 values; strings
     of at most 1,024 characters.
+
+    A user segment's rule may use every condition but `user_rollup`. An account segment's
+    rule may use `attribute` (the account's attributes), `time`, `lifetime`, `segment`,
+    `random_bucket` and `user_rollup` conditions.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -573,8 +579,10 @@ class Comparison(_message.Message):
     """Required. The operator."""
     @_builtins.property
     def value(self) -> _common_pb2.Value:
-        """The operand. A list for `IN`, `NOT_IN` and `BETWEEN` (exactly two: low and high,
-        both inclusive); absent for `EXISTS`, `NOT_EXISTS`, `IS_EMPTY` and `IS_NOT_EMPTY`.
+        """The operand. A list for `IN`, `NOT_IN` and `BETWEEN` (exactly two of one type: low and
+        high, both inclusive); absent for `EXISTS`, `NOT_EXISTS`, `IS_EMPTY` and `IS_NOT_EMPTY`;
+        otherwise a string, number, boolean or timestamp. Never null or a map; numbers are
+        finite and timestamps exact to the microsecond.
         """
 
     def __init__(
@@ -653,7 +661,12 @@ Global___PropertyFilter: _TypeAlias = PropertyFilter  # noqa: Y015
 
 @_typing.final
 class Window(_message.Message):
-    """A time window for an aggregate."""
+    """A time window for an aggregate. Aggregates are kept in time buckets (see
+    `AggregateSpec`) and a window reads whole buckets, so it is exact to its bucket width: 1
+    second for the current visit; for `last`, the largest of 1 second, 1 minute, 1 hour and
+    1 day not above a hundredth of the window (1 second at least); for `between`, the largest
+    of those dividing both ends; one bucket for all time.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -667,15 +680,18 @@ class Window(_message.Message):
 
     @_builtins.property
     def this_session(self) -> Global___ThisSession:
-        """The current visit only."""
+        """The current visit only: events from the second the visit began."""
 
     @_builtins.property
     def last(self) -> _duration_pb2.Duration:
-        """The sliding window that ends now: from 1 minute to 3,650 days, in whole minutes."""
+        """The sliding window that ends now: from 1 minute to 3,650 days, in whole minutes. An
+        event counts until its bucket leaves the window, at most one bucket width after the
+        event is this old.
+        """
 
     @_builtins.property
     def between(self) -> Global___TimeRange:
-        """A fixed interval between two instants."""
+        """A fixed interval between two instants, both whole seconds."""
 
     def __init__(
         self,
@@ -779,8 +795,10 @@ class BehaviorCondition(_message.Message):
     function: Global___AggregateFunction.ValueType
     """Required. The aggregate."""
     property: _builtins.str
-    """The numeric property aggregated by `SUM`, `MIN`, `MAX` and `AVERAGE`, and the property
-    whose values `DISTINCT_COUNT` counts. Empty for `COUNT`, `FIRST_TIME` and `LAST_TIME`.
+    """The numeric property aggregated by `SUM`, `MIN`, `MAX` and `AVERAGE` (events without a
+    number there do not count), and the property whose values `DISTINCT_COUNT` counts
+    (events without a string, number, boolean or timestamp there do not count). Empty for
+    `COUNT`, `FIRST_TIME` and `LAST_TIME`. A path `context.<field>` reads the event's context.
     """
     @_builtins.property
     def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___PropertyFilter]:
@@ -870,8 +888,9 @@ Global___ContextCondition: _TypeAlias = ContextCondition  # noqa: Y015
 
 @_typing.final
 class GeoDistanceCondition(_message.Message):
-    """Whether the profile was last seen within a distance of a point. False when the
-    profile's last location has no coordinates.
+    """Whether the profile was last seen within a distance of a point: the great-circle
+    (haversine) distance on a sphere of radius 6,371.0088 km. False when the profile's last
+    location has no coordinates.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1077,8 +1096,9 @@ Global___SegmentCondition: _TypeAlias = SegmentCondition  # noqa: Y015
 
 @_typing.final
 class RandomBucketCondition(_message.Message):
-    """A stable random bucket of the profile id, for A/B splits: the profile's bucket is a hash
-    of the salt and the profile id, from 0 to 99, and never changes.
+    """A stable random bucket of the profile id, for A/B splits: the profile's bucket is the
+    first 28 bits of the MD5 digest of `{salt}:{profile id}` (UTF-8) modulo 100, from 0 to 99,
+    and never changes.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1091,7 +1111,9 @@ class RandomBucketCondition(_message.Message):
     max_bucket: _builtins.int
     """The highest bucket, inclusive, from `min_bucket` to 99."""
     salt: _builtins.str
-    """A salt, so that different experiments split differently. At most 64 characters."""
+    """A salt, so that different experiments split differently. At most 64 characters of
+    letters, digits, `_` and `-`.
+    """
     def __init__(
         self,
         *,
@@ -1153,7 +1175,9 @@ class RuleExplanation(_message.Message):
     MISSING_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """The clause's position in the tree, such as `all.rules[1].any.rules[0]`."""
+    """The clause's position in the tree, such as `all.rules[1].any.rules[0]`; empty for the
+    whole rule.
+    """
     text: _builtins.str
     """The clause in the text form."""
     result: _builtins.bool
@@ -1162,13 +1186,15 @@ class RuleExplanation(_message.Message):
     """For a false clause, what would make it true, in a sentence."""
     @_builtins.property
     def observed(self) -> _common_pb2.Value:
-        """The value the clause observed (an attribute, an aggregate, a session field); absent when
-        there was none.
+        """The value the clause observed (an attribute, an aggregate, a session field, the distance
+        in kilometres, the number of users of a roll-up); absent when there was none.
         """
 
     @_builtins.property
     def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleExplanation]:
-        """The explanations of the clause's children, for `all`, `any`, `not` and `user_rollup`."""
+        """The explanations of the clause's children, for `all`, `any` and `not`. A roll-up
+        reports its count of users as `observed`: its user rule is evaluated per user.
+        """
 
     def __init__(
         self,

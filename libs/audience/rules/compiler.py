@@ -736,7 +736,7 @@ class _Builder:
             return _RandomBucket(site, rule.random_bucket)
         if kind == "user_rollup":
             node_rollup = rule.user_rollup
-            user = _compile(node_rollup.user_rule, _USER)
+            user = CompiledRule(node_rollup.user_rule, _USER)
             leaf = _Rollup(site, node_rollup, user)
             self.rollups.setdefault(leaf.key, Rollup(leaf.key, node_rollup.user_rule, user))
             return leaf
@@ -1029,10 +1029,6 @@ class CompiledRule:
         return SqlQuery(text, tuple(ctx.params))
 
 
-def _compile(rule: rule_pb2.Rule, kind: int) -> CompiledRule:
-    return CompiledRule(rule, kind)
-
-
 def compile_rule(rule: rule_pb2.Rule, kind: int = _USER) -> CompiledRule:
     """Validates and compiles a rule for subjects of ``kind`` (``SegmentKind``).
 
@@ -1043,4 +1039,4 @@ def compile_rule(rule: rule_pb2.Rule, kind: int = _USER) -> CompiledRule:
         AudienceError: ``INVALID_ARGUMENT`` with a field violation per fault.
     """
     validate_rule(rule, kind)
-    return _compile(rule, kind)
+    return CompiledRule(rule, kind)

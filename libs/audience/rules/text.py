@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TypeVar
 
+import grpc
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
-from audience.errors import AudienceError, FieldViolation, invalid_argument
+from audience.errors import AudienceError, FieldViolation
 from audience.rules.values import format_instant, micros_from_timestamp
 from audience.v1 import common_pb2, event_pb2, rule_pb2
 
@@ -381,18 +382,12 @@ class RuleSyntaxError(AudienceError):
 
     def __init__(self, message: str, line: int, column: int, field: str) -> None:
         located = f"line {line}, column {column}: {message}"
-        error = invalid_argument(
-            f"The rule text does not parse: {located}.",
-            FieldViolation(field, located),
-            reason="RULE_SYNTAX_ERROR",
-            metadata={"line": str(line), "column": str(column)},
-        )
         super().__init__(
-            error.code,
-            error.reason,
-            error.message,
-            metadata=error.metadata,
-            violations=error.violations,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "RULE_SYNTAX_ERROR",
+            f"The rule text does not parse: {located}.",
+            metadata={"line": str(line), "column": str(column)},
+            violations=(FieldViolation(field, located),),
         )
         self.line = line
         self.column = column

@@ -155,7 +155,8 @@ class ExportApplication:
         buffered: list[bytes] = [header]
         size = len(header)
         sent = 0
-        async for piece in self._producer.members(dataset, segment_ids, layout, {}):
+        pieces = self._producer.members(dataset, segment_ids, layout, {}, versions=False)
+        async for piece in pieces:
             data = piece.text.encode()
             if size and size + len(data) > MAX_DOWNLOAD_CHUNK:
                 yield DownloadChunk(b"".join(buffered), sent, max(total, sent))

@@ -62,8 +62,9 @@ class MembershipReader(Protocol):
 
     async def count(self, dataset: str, segment_id: str) -> int: ...
 
-    def pages(self, dataset: str, segment_id: str) -> AsyncIterator[MemberPage]:
-        """Every current member of the segment, by member id, a page at a time."""
+    def pages(self, dataset: str, segment_id: str, *, versions: bool) -> AsyncIterator[MemberPage]:
+        """Every current member of the segment, by member id, a page at a time; with
+        ``versions``, the pages carry the segment version of each membership."""
         ...
 
     def watch(

@@ -49,7 +49,7 @@ def _split(page: MemberPage) -> tuple[MemberPage, MemberPage]:
         return MemberPage(
             segment_id=page.segment_id,
             member_ids=page.member_ids[lo:hi],
-            versions=page.versions[lo:hi],
+            versions=page.versions[lo:hi] if page.versions is not None else None,
             join_seconds=page.join_seconds[lo:hi],
             join_nanos=page.join_nanos[lo:hi],
         )
@@ -100,17 +100,23 @@ class CsvProducer:
         segment_ids: Sequence[str],
         layout: CsvLayout,
         stats: dict[str, SegmentStats],
+        *,
+        versions: bool = True,
     ) -> AsyncIterator[Piece]:
         """Every current member of each segment in turn, as pieces of CSV (no header).
 
         Members whose profile is gone when it is read (erased meanwhile) are left out.
+        Without ``versions`` the segment versions are not read (nor counted in ``stats``)
+        unless the layout writes them.
         """
+        versions = versions or layout.needs_versions
         for segment_id in segment_ids:
             segment_stats = stats.setdefault(
                 segment_id, SegmentStats(segment_name(dataset, segment_id))
             )
-            async for page in self._members.pages(dataset, segment_id):
-                segment_stats.versions.update(page.versions)
+            async for page in self._members.pages(dataset, segment_id, versions=versions):
+                if page.versions is not None:
+                    segment_stats.versions.update(page.versions)
                 pending = [page]
                 while pending:
                     part = pending.pop(0)

@@ -348,7 +348,9 @@ class ExportStore:
                     dataset,
                     destination_id,
                 )
-            except asyncpg.ForeignKeyViolationError:
+            except (asyncpg.ForeignKeyViolationError, asyncpg.RestrictViolationError):
+                # PostgreSQL 15 reports a RESTRICT key as a foreign key violation, 18 as a
+                # restrict violation.
                 raise failed_precondition(
                     f"{name} is used by a schedule; delete or change the schedule first.",
                     reason="DESTINATION_IN_USE",

@@ -227,7 +227,8 @@ class MemberPage:
 
     segment_id: str
     member_ids: Sequence[str]
-    versions: Sequence[int]
+    versions: Sequence[int] | None
+    """The segment version each member joined under; None when it was not asked for."""
     join_seconds: Sequence[int]
     join_nanos: Sequence[int]
 

@@ -108,10 +108,11 @@ nanos = st.integers(min_value=0, max_value=999_999_999)
 @given(member_ids, st.data())
 def test_a_page_encodes_as_its_rows_do_one_by_one(ids: list[str], data: st.DataObject) -> None:
     count = len(ids)
+    versions = data.draw(st.lists(st.integers(1, 99), min_size=count, max_size=count))
     page = MemberPage(
-        segment_id="vip,=buyers",
+        segment_id="vip,=buyers%s",
         member_ids=ids,
-        versions=data.draw(st.lists(st.integers(1, 99), min_size=count, max_size=count)),
+        versions=versions,
         join_seconds=data.draw(st.lists(seconds, min_size=count, max_size=count)),
         join_nanos=data.draw(st.lists(nanos, min_size=count, max_size=count)),
     )
@@ -133,7 +134,7 @@ def test_a_page_encodes_as_its_rows_do_one_by_one(ids: list[str], data: st.DataO
                 ids[i],
                 page.segment_id,
                 times.format(page.join_seconds[i], page.join_nanos[i]),
-                str(page.versions[i]),
+                str(versions[i]),
                 "join",
             ]
         )
@@ -252,3 +253,14 @@ def test_bad_columns_are_refused_naming_each_field() -> None:
         "columns[0].identity_type",
         "columns[1].attribute_path",
     ]
+
+
+def test_a_one_column_file_keeps_a_line_for_an_empty_cell() -> None:
+    layout = CsvLayout([IdentityColumn("email", "email")], ExportMode.FULL)
+    page = MemberPage("s", ["a", "b"], None, [0, 0], [0, 0])
+    profiles = {"a": ProfileData({}, {}), "b": ProfileData({"email": "b@x.io"}, {})}
+
+    text, rows = layout.encode_members(page, profiles)
+
+    assert rows == 2
+    assert read(layout.header() + text) == [["email"], [""], ["b@x.io"]]

@@ -41,7 +41,9 @@ class Members:
     async def count(self, dataset: str, segment_id: str) -> int:
         return sum(len(page) for page in self._pages.get(segment_id, ()))
 
-    async def pages(self, dataset: str, segment_id: str) -> AsyncIterator[MemberPage]:
+    async def pages(
+        self, dataset: str, segment_id: str, *, versions: bool
+    ) -> AsyncIterator[MemberPage]:
         for page in self._pages.get(segment_id, ()):
             yield page
 

@@ -45,8 +45,13 @@ _ATTEMPTS = 6
 _RETRY_BASE = 0.5
 _RETRY_MAX = 60.0
 _READ_AHEAD = 4
+_MERGES = 2
 # Seconds between progress reports (and checks that the version is still current).
 _PROGRESS_EVERY = 0.25
+
+
+def _due(reported: float) -> bool:
+    return time.monotonic() - reported >= _PROGRESS_EVERY
 
 
 async def _next_chunk(
@@ -239,35 +244,61 @@ class Backfiller:
 
         reader = asyncio.create_task(read())
         pending: list[str] = []
-        total = 0
+        scanned = total = 0
         reported = 0.0
+        # Merges of disjoint id ranges run side by side; they meet only at the commit.
+        merging: dict[asyncio.Task[None], int] = {}
+
+        async def settle(limit: int) -> None:
+            nonlocal done
+            while len(merging) > limit:
+                finished, _ = await asyncio.wait(merging, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    done = max(done, merging.pop(task))
+                    task.result()
+
         try:
             while True:
                 chunk = await _next_chunk(chunks, reader)
                 if chunk is not None:
                     pending.extend(chunk.ids)
-                    done = max(done, chunk.scanned)
+                    scanned = max(scanned, chunk.scanned)
                     total = chunk.total
-                    if len(pending) < self._chunk:
+                    if not pending and not merging:
+                        done = scanned
+                    if len(pending) < self._chunk and not _due(reported):
                         continue
-                if pending:
-                    await self._apply_range(
-                        dataset, segment_id, kind, version, started, cursor, pending[-1], pending
+                if pending and (len(pending) >= self._chunk or chunk is None):
+                    await settle(_MERGES - 1)
+                    task = asyncio.create_task(
+                        self._apply_range(
+                            dataset,
+                            segment_id,
+                            kind,
+                            version,
+                            started,
+                            cursor,
+                            pending[-1],
+                            pending,
+                        )
                     )
+                    merging[task] = scanned
                     cursor = pending[-1]
                     pending = []
-                if time.monotonic() - reported >= _PROGRESS_EVERY or chunk is None:
+                if _due(reported) or chunk is None:
                     await self._check(dataset, segment_id, version)
                     await self._segments.progress(dataset, segment_id, version, done, total)
                     reported = time.monotonic()
                 if chunk is None:
                     break
-                await asyncio.sleep(0)
+            await settle(0)
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for task in merging:
+                task.cancel()
+            await asyncio.gather(reader, *merging, return_exceptions=True)
         await self._apply_range(dataset, segment_id, kind, version, started, cursor, None, [])
+        await self._segments.progress(dataset, segment_id, version, scanned, total)
 
     async def _apply_range(
         self,

@@ -44,7 +44,7 @@ from services.segment_engine.domain.model import (
     segment_name,
 )
 from services.segment_engine.rules import view_from_bytes
-from services.segment_engine.store.sql import DEADLOCK_RETRIES
+from services.segment_engine.store.sql import DEADLOCK_RETRIES, transaction
 from services.segment_engine.store.state import (
     Key,
     LoggedChange,
@@ -135,6 +135,7 @@ class _Unit:
         # Membership rows changed outside a loaded subject (the bulk path of forced changes).
         self.bulk = WriteBatch()
         self.bulk_members: set[Key] = set()
+        self._plain_reasons: dict[Cause, Reason] = {}
 
     async def load(self, keys: Iterable[Key], *, skip_locked: bool = False) -> list[Key]:
         """Locks and reads subjects not loaded yet; returns those now loaded, in order."""
@@ -315,21 +316,26 @@ class _Unit:
         """Records a forced change that nothing else depends on, without loading the subject
         (its row is locked by this transaction)."""
         if member:
-            self.bulk.joins.append((dataset, segment_id, subject_id, int(kind), version, self.now))
+            self.bulk.fresh_joins.append(
+                (dataset, segment_id, subject_id, int(kind), version, self.now)
+            )
         else:
             self.bulk.leaves.append((dataset, segment_id, subject_id))
         self.bulk_members.add((dataset, int(kind), subject_id))
+        reason = self._plain_reasons.get(cause)
+        if reason is None:
+            reason = self._plain_reasons[cause] = Reason(cause)
         self.changes.append(
             (
                 dataset,
                 Change(
-                    kind=kind,
-                    subject_id=subject_id,
-                    segment_id=segment_id,
-                    segment_version=version,
-                    change=ChangeKind.JOIN if member else ChangeKind.LEAVE,
-                    time=self.now,
-                    reason=Reason(cause),
+                    kind,
+                    subject_id,
+                    segment_id,
+                    version,
+                    ChangeKind.JOIN if member else ChangeKind.LEAVE,
+                    self.now,
+                    reason,
                 ),
             )
         )
@@ -425,7 +431,7 @@ class _Unit:
             batch.timer_diff(row.dataset, row.kind, row.subject_id, loaded.timers, subject.timers)
         for dataset, deltas in self.deltas.items():
             batch.add_rollup_deltas(dataset, deltas)
-        batch.joins.extend(self.bulk.joins)
+        batch.fresh_joins.extend(self.bulk.fresh_joins)
         batch.leaves.extend(self.bulk.leaves)
         members |= self.bulk_members
         encode = self.processor.encode_reason
@@ -479,7 +485,7 @@ class Processor:
     async def _run(self, work: Callable[[_Unit], Awaitable[None]]) -> Committed:
         for attempt in range(1, DEADLOCK_RETRIES + 1):
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
+                async with self.pool.acquire() as conn, transaction(conn):
                     unit = _Unit(self, conn, self.clock())
                     await work(unit)
                     committed = await unit.write()

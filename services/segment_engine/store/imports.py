@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from services.segment_engine.store.sql import transaction
+
 __all__ = ["ImportStore"]
 
 
@@ -65,25 +67,27 @@ class ImportStore:
 
     async def staged_among(self, import_id: int, subject_ids: Sequence[str]) -> set[str]:
         """Which of the ids the upload holds."""
-        records = await self.pool.fetch(
-            "SELECT subject_id FROM segment_engine.import_ids"
-            " WHERE import_id = $1 AND subject_id = ANY($2::text[])",
-            import_id,
-            list(subject_ids),
-        )
+        async with self.pool.acquire() as conn, transaction(conn):
+            records = await conn.fetch(
+                "SELECT subject_id FROM segment_engine.import_ids"
+                " WHERE import_id = $1 AND subject_id = ANY($2::text[])",
+                import_id,
+                list(subject_ids),
+            )
         return {r[0] for r in records}
 
     async def members_among(
         self, dataset: str, segment_id: str, subject_ids: Sequence[str]
     ) -> set[str]:
         """Which of the ids are members of the segment."""
-        records = await self.pool.fetch(
-            "SELECT subject_id FROM segment_engine.memberships"
-            " WHERE dataset = $1 AND segment_id = $2 AND subject_id = ANY($3::text[])",
-            dataset,
-            segment_id,
-            list(subject_ids),
-        )
+        async with self.pool.acquire() as conn, transaction(conn):
+            records = await conn.fetch(
+                "SELECT subject_id FROM segment_engine.memberships"
+                " WHERE dataset = $1 AND segment_id = $2 AND subject_id = ANY($3::text[])",
+                dataset,
+                segment_id,
+                list(subject_ids),
+            )
         return {r[0] for r in records}
 
     async def bump_version(self, dataset: str, segment_id: str, update_time: int) -> int | None:

@@ -6,7 +6,12 @@ exactly: the pool is shared with other services, so no type codec is changed on 
 
 from __future__ import annotations
 
-__all__ = ["DEADLOCK_RETRIES", "from_micros", "micros"]
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+__all__ = ["DEADLOCK_RETRIES", "from_micros", "micros", "transaction"]
 
 DEADLOCK_RETRIES = 5
 """How many times a transaction that lost a deadlock (or a serialisation) is run again."""
@@ -20,3 +25,23 @@ def from_micros(expression: str) -> str:
 def micros(expression: str) -> str:
     """SQL turning a timestamptz into bigint microseconds since the epoch."""
     return f"(extract(epoch FROM {expression}) * 1000000)::bigint"
+
+
+@contextlib.asynccontextmanager
+async def transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction whose statements are planned for the values they are given.
+
+    asyncpg prepares every statement; after a few runs PostgreSQL may keep a generic plan,
+    costed when it was made. The engine's tables grow from nothing (a new dataset, a
+    backfill) and its statements take arrays of ids: a generic plan made while a table was
+    tiny keeps scanning it whole as it grows. Custom plans cost a little planning and
+    never do that. ``SET LOCAL`` rides with ``BEGIN`` in one round trip.
+    """
+    await conn.execute("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan")
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed():
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")

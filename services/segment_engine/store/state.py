@@ -10,9 +10,11 @@ and the commit.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -40,6 +42,9 @@ NOTIFY_CHANNEL = "segment_engine_changes"
 _DAY = 86_400_000_000
 # NOTIFY payloads must stay under 8000 bytes.
 _NOTIFY_BUDGET = 7_000
+# Log rows from this many on are copied (binary COPY) rather than inserted.
+_COPY_FROM = 64
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -91,6 +96,8 @@ class WriteBatch:
     subjects: list[SubjectWrite] = field(default_factory=list)
     # (dataset, segment id, subject id, kind, version, join time)
     joins: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
+    # Joins known to be new rows (checked under the subject's lock): copied in bulk.
+    fresh_joins: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
     # (dataset, segment id, subject id)
     leaves: list[tuple[str, str, str]] = field(default_factory=list)
     # (dataset, kind, subject id, target, due)
@@ -411,6 +418,18 @@ class StateStore:
                 """,
                 *map(list, zip(*batch.joins, strict=True)),
             )
+        if batch.fresh_joins:
+            await conn.copy_records_to_table(
+                "memberships",
+                schema_name="segment_engine",
+                columns=["dataset", "segment_id", "subject_id", "kind", "version", "join_time"],
+                records=[
+                    (dataset, segment_id, subject_id, kind, version, _moment(join_time))
+                    for dataset, segment_id, subject_id, kind, version, join_time in (
+                        batch.fresh_joins
+                    )
+                ],
+            )
         if batch.timers_deleted:
             await conn.execute(
                 """
@@ -497,28 +516,38 @@ class StateStore:
                 len(entries),
             )
             first = last - len(entries) + 1
-            await conn.execute(
-                f"""
-                INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
-                                                    segment_version,
-                                     change, change_time, reason)
-                SELECT $1, c.seq, c.kind, c.subject_id, c.segment_id, c.segment_version,
-                       c.change, {from_micros("c.change_time")}, c.reason
-                FROM unnest($2::bigint[], $3::smallint[], $4::text[], $5::text[], $6::bigint[],
-                            $7::smallint[], $8::bigint[], $9::bytea[])
-                     AS c(seq, kind, subject_id, segment_id, segment_version, change,
-                          change_time, reason)
-                """,
-                dataset,
-                list(range(first, last + 1)),
-                [int(c.kind) for c, _ in entries],
-                [c.subject_id for c, _ in entries],
-                [c.segment_id for c, _ in entries],
-                [c.segment_version for c, _ in entries],
-                [int(c.change) for c, _ in entries],
-                [c.time for c, _ in entries],
-                [reason for _, reason in entries],
-            )
+            if len(entries) >= _COPY_FROM:
+                await conn.copy_records_to_table(
+                    "changes",
+                    schema_name="segment_engine",
+                    columns=[
+                        "dataset",
+                        "seq",
+                        "kind",
+                        "subject_id",
+                        "segment_id",
+                        "segment_version",
+                        "change",
+                        "change_time",
+                        "reason",
+                    ],
+                    records=[
+                        (
+                            dataset,
+                            first + index,
+                            int(c.kind),
+                            c.subject_id,
+                            c.segment_id,
+                            c.segment_version,
+                            int(c.change),
+                            _moment(c.time),
+                            reason,
+                        )
+                        for index, (c, reason) in enumerate(entries)
+                    ],
+                )
+            else:
+                await self._insert_log(conn, dataset, first, entries)
             await conn.execute(
                 "SELECT pg_notify($1, $2)",
                 NOTIFY_CHANNEL,
@@ -529,6 +558,41 @@ class StateStore:
                 for index, (change, reason) in enumerate(entries)
             )
         return logged
+
+    async def _insert_log(
+        self,
+        conn: asyncpg.Connection,
+        dataset: str,
+        first: int,
+        entries: Sequence[tuple[Change, bytes]],
+    ) -> None:
+        await conn.execute(
+            f"""
+            INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
+                                                segment_version, change, change_time, reason)
+            SELECT $1, c.seq, c.kind, c.subject_id, c.segment_id, c.segment_version,
+                   c.change, {from_micros("c.change_time")}, c.reason
+            FROM unnest($2::bigint[], $3::smallint[], $4::text[], $5::text[], $6::bigint[],
+                        $7::smallint[], $8::bigint[], $9::bytea[])
+                 AS c(seq, kind, subject_id, segment_id, segment_version, change,
+                      change_time, reason)
+            """,
+            dataset,
+            list(range(first, first + len(entries))),
+            [int(c.kind) for c, _ in entries],
+            [c.subject_id for c, _ in entries],
+            [c.segment_id for c, _ in entries],
+            [c.segment_version for c, _ in entries],
+            [int(c.change) for c, _ in entries],
+            [c.time for c, _ in entries],
+            [reason for _, reason in entries],
+        )
+
+
+@functools.lru_cache(maxsize=4096)
+def _moment(micros: int) -> datetime:
+    # Rows of one transaction share their instant: converted once.
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 def notify_payload(origin: str, dataset: str, members: Iterable[tuple[int, str]]) -> str:

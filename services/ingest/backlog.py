@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from audience import errors
 
-__all__ = ["BacklogGauge", "BacklogSource"]
+__all__ = ["BacklogGauge", "BacklogSource", "raise_if_cancelled"]
 
 _log = logging.getLogger(__name__)
 
@@ -79,4 +79,16 @@ class BacklogGauge:
                 # LookupError: the group is gone from a partition (a stream deleted by hand);
                 # appends keep working, and the gauge recovers once it is declared again.
                 _log.warning("measuring the %s backlog failed: %s", self._topic, error)
+            raise_if_cancelled()
             await asyncio.sleep(self._interval)
+
+
+def raise_if_cancelled() -> None:
+    """Raises the current task's cancellation if something swallowed it.
+
+    On Python 3.11, redis-py's commands can swallow a cancellation that arrives as they
+    complete (CPython gh-86296), and a loop around them would then never stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

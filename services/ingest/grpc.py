@@ -18,7 +18,7 @@ from audience.v1 import (
     profile_pb2,
 )
 from services.ingest.failed import FailedEvents, failed_event_name
-from services.ingest.ingestor import BatchResult, Ingestor, parse_parent
+from services.ingest.ingestor import BatchResult, Ingestor, PreparedBatch, parse_parent
 from services.ingest.store import FailedEventRow
 from services.ingest.validation import Violation
 
@@ -149,9 +149,12 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
         request_iterator: AsyncIterator[ingest_service_pb2.StreamEventsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ingest_service_pb2.StreamEventsResponse]:
-        # A reader task takes batches off the stream and starts them, at most
-        # `stream_depth` ahead of the batch whose results are being sent: the stream's
-        # memory stays bounded, and its results keep the order of its batches.
+        # A reader task takes batches off the stream and prepares them (validation and
+        # encoding) while earlier ones are appended, at most `stream_depth` ahead of the
+        # batch whose results are being sent, so the stream's memory stays bounded. The
+        # appends themselves run one after the other: a profile's events reach the bus in
+        # the order the stream sent them, and the first of two copies of an event is the
+        # one accepted.
         queue: asyncio.Queue[_StreamItem] = asyncio.Queue(self._stream_depth)
         reader = asyncio.create_task(self._read_stream(request_iterator, queue))
         try:
@@ -175,6 +178,7 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
         queue: asyncio.Queue[_StreamItem],
     ) -> None:
         dataset: str | None = None
+        previous: asyncio.Future[ingest_service_pb2.StreamEventsResponse] | None = None
         try:
             async for request in requests:
                 if request.parent:
@@ -192,18 +196,29 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
                         "The first message of a stream names the dataset.",
                         errors.FieldViolation("parent", "Required on the first message."),
                     )
-                _check_count(len(request.events))
-                self._ingestor.check_capacity()
-                await queue.put(asyncio.ensure_future(self._stream_batch(dataset, request.events)))
+                events = request.events
+                _check_count(len(events))
+                prepared = self._ingestor.prepare(dataset, events)
+                previous = asyncio.ensure_future(self._append_after(previous, prepared, events))
+                await queue.put(previous)
         except Exception as error:
             await queue.put(error)
         else:
             await queue.put(None)
 
-    async def _stream_batch(
-        self, dataset: str, events: Sequence[event_pb2.Event]
+    async def _append_after(
+        self,
+        previous: asyncio.Future[ingest_service_pb2.StreamEventsResponse] | None,
+        prepared: PreparedBatch,
+        events: Sequence[event_pb2.Event],
     ) -> ingest_service_pb2.StreamEventsResponse:
-        result = await self._ingestor.ingest(dataset, events)
+        if previous is not None:
+            # An earlier batch that failed ends the stream with its error; this one is
+            # then never appended.
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                raise asyncio.CancelledError
+        result = await self._ingestor.append(prepared)
         response = ingest_service_pb2.StreamEventsResponse()
         _fill_results(response.results, events, result)
         return response

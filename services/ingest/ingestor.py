@@ -25,7 +25,15 @@ from services.ingest.appender import Appended, PartitionBatch, dedup_prefix
 from services.ingest.records import DatasetRecords, receipt_fields
 from services.ingest.validation import MAX_STRING_BYTES, Validator, Violation
 
-__all__ = ["BatchResult", "Capacity", "EventStatus", "Ingestor", "Sink", "parse_parent"]
+__all__ = [
+    "BatchResult",
+    "Capacity",
+    "EventStatus",
+    "Ingestor",
+    "PreparedBatch",
+    "Sink",
+    "parse_parent",
+]
 
 _DATASET = re.compile(r"[a-z0-9-]{1,63}")
 # Bounds the per-process caches of partitions and encoders by key and dataset.
@@ -58,6 +66,23 @@ class BatchResult:
     @property
     def rejected(self) -> int:
         return len(self.violations)
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A validated and encoded batch, ready to append."""
+
+    size: int
+    statuses: list[EventStatus]
+    violations: dict[int, list[Violation]]
+    batches: list[PartitionBatch]
+    headers_json: str
+
+
+def _headers_json() -> str:
+    """The trace context of the current span, as the bus entry's headers."""
+    headers = inject()
+    return json.dumps(headers, separators=(",", ":")) if headers else ""
 
 
 class Sink(Protocol):
@@ -136,6 +161,15 @@ class Ingestor:
             AudienceError: ``RESOURCE_EXHAUSTED`` under backpressure (nothing appended);
                 ``UNAVAILABLE`` when the bus cannot be reached.
         """
+        return await self.append(self.prepare(dataset, events))
+
+    def prepare(self, dataset: str, events: Sequence[event_pb2.Event]) -> PreparedBatch:
+        """Validates, normalises and encodes a batch: the part of :meth:`ingest` before
+        the append, for callers that prepare a batch while an earlier one is appended.
+
+        Raises:
+            AudienceError: ``RESOURCE_EXHAUSTED`` under backpressure.
+        """
         self._capacity.check()
         received_ns = time.time_ns()
         received = receipt_fields(received_ns, timestamp=False)
@@ -172,19 +206,27 @@ class Ingestor:
                 record(encoded, received if event.HasField("timestamp") else received_as_time)
             )
             batch.positions.append(index)
+        return PreparedBatch(
+            len(events), statuses, violations, list(batches.values()), _headers_json()
+        )
+
+    async def append(self, prepared: PreparedBatch) -> BatchResult:
+        """Appends a prepared batch; returns each event's status, in order.
+
+        Raises:
+            AudienceError: ``UNAVAILABLE`` when the bus cannot be reached.
+        """
+        statuses, violations = prepared.statuses, prepared.violations
         duplicates = 0
-        if batches:
-            ordered = list(batches.values())
-            headers = inject()
-            appended = await self._sink.append(
-                ordered, json.dumps(headers, separators=(",", ":")) if headers else ""
-            )
+        if prepared.batches:
+            ordered = prepared.batches
+            appended = await self._sink.append(ordered, prepared.headers_json)
             for batch, outcome in zip(ordered, appended, strict=True):
                 positions = batch.positions
                 for duplicate in outcome.duplicates:
                     statuses[positions[duplicate]] = EventStatus.DUPLICATE
                 duplicates += len(outcome.duplicates)
-        accepted = len(events) - duplicates - len(violations)
+        accepted = prepared.size - duplicates - len(violations)
         count = self._count
         attributes = self._attributes
         if accepted:

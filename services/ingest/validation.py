@@ -654,7 +654,7 @@ def _strings(message: Any, path: str, out: list[Violation]) -> None:
     for field, value in message.ListFields():
         name = f"{path}.{field.name}" if path else field.name
         if field.type == field.TYPE_STRING:
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 for index, item in enumerate(value):
                     _string(item, f"{name}[{index}]", out)
             else:
@@ -666,7 +666,7 @@ def _strings(message: Any, path: str, out: list[Violation]) -> None:
             for key, item in value.items():
                 _string(key, name, out)
                 _value_strings(item, f"{name}.{key}", out)
-        elif field.label == field.LABEL_REPEATED:
+        elif field.is_repeated:
             for index, item in enumerate(value):
                 _strings(item, f"{name}[{index}]", out)
         else:

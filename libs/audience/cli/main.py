@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from audience.cli.events import events, failed_events
 from audience.cli.export import export
 from audience.cli.profiles import accounts, profiles
 from audience.cli.segments import explain, members, segments, watch
@@ -30,6 +31,8 @@ cli.add_command(explain)
 cli.add_command(members)
 cli.add_command(profiles)
 cli.add_command(accounts)
+cli.add_command(events)
+cli.add_command(failed_events)
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ async def build(resources: Resources) -> ServiceUnit:
     )
 
     def committed(done: Committed) -> None:
-        notifier.notify({change.dataset for change in done.logged})
+        notifier.notify({logged.dataset for logged in done.logged})
         if done.members:
             cache.invalidate(done.members)
         timers.committed(done)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 _SEGMENT_TYPE = "audience.dev/Segment"
+_BULK_INVALIDATION = 1_000
 
 
 def page_token(last: str) -> str:
@@ -99,7 +100,11 @@ class MembershipCache:
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
-    def invalidate(self, keys: Iterable[Key]) -> None:
+    def invalidate(self, keys: Collection[Key]) -> None:
+        if len(keys) > _BULK_INVALIDATION:
+            # A bulk change (a backfill, an import): dropping everything is cheaper.
+            self.clear()
+            return
         self._epoch += 1
         for key in keys:
             self._entries.pop(key, None)
@@ -118,7 +123,7 @@ class MembershipCache:
         if members is None:
             self.clear()
         else:
-            self.invalidate((dataset, kind, subject_id) for kind, subject_id in members)
+            self.invalidate([(dataset, kind, subject_id) for kind, subject_id in members])
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from services.segment_engine.rules import view_from_bytes
 from services.segment_engine.store.sql import DEADLOCK_RETRIES, transaction
 from services.segment_engine.store.state import (
     Key,
-    LoggedChange,
+    LoggedRange,
     StateStore,
     SubjectRow,
     SubjectWrite,
@@ -70,12 +70,12 @@ class Committed:
     """What a committed transaction changed.
 
     Attributes:
-        logged: the changes written to the log, with their positions.
+        logged: the log positions the changes took, per dataset.
         members: the subjects whose memberships changed.
         earliest_timer: the earliest timer set, microseconds; None when none was set.
     """
 
-    logged: list[LoggedChange] = field(default_factory=list)
+    logged: list[LoggedRange] = field(default_factory=list)
     members: set[Key] = field(default_factory=set)
     earliest_timer: int | None = None
 
@@ -435,18 +435,16 @@ class _Unit:
         batch.leaves.extend(self.bulk.leaves)
         members |= self.bulk_members
         encode = self.processor.encode_reason
-        # Reasons without clauses repeat (a backfill's thousands of joins): encoded once.
-        plain: dict[tuple[str, Reason], bytes] = {}
+        # Reason objects are shared by many changes (a backfill's thousands of joins share
+        # one): each is encoded once. The memo holds the reasons, so their ids stay theirs.
+        encoded: dict[tuple[str, int], tuple[Reason, bytes]] = {}
         changes = []
         for dataset, change in self.changes:
             reason = change.reason
-            if reason.flipped:
-                encoded = encode(dataset, reason)
-            else:
-                encoded = plain.get((dataset, reason)) or plain.setdefault(
-                    (dataset, reason), encode(dataset, reason)
-                )
-            changes.append((dataset, change, encoded))
+            known = encoded.get((dataset, id(reason)))
+            if known is None:
+                known = encoded[(dataset, id(reason))] = (reason, encode(dataset, reason))
+            changes.append((dataset, change, known[1]))
         batch.changes = changes
         logged = await self.processor.state.write(self.conn, batch)
         earliest = min((timer[4] for timer in batch.timers_set), default=None)

@@ -24,7 +24,7 @@ from services.segment_engine.store.sql import from_micros, micros
 __all__ = [
     "NOTIFY_CHANNEL",
     "Key",
-    "LoggedChange",
+    "LoggedRange",
     "StateStore",
     "SubjectRow",
     "SubjectWrite",
@@ -80,13 +80,16 @@ class SubjectWrite:
 
 
 @dataclass(frozen=True, slots=True)
-class LoggedChange:
-    """A change as written to the log, with its position."""
+class LoggedRange:
+    """The log positions a transaction's changes of one dataset took, in order."""
 
     dataset: str
-    seq: int
-    change: Change
-    reason: bytes
+    first: int
+    last: int
+
+    @property
+    def positions(self) -> range:
+        return range(self.first, self.last + 1)
 
 
 @dataclass(slots=True)
@@ -362,9 +365,9 @@ class StateStore:
         found = {r["dataset"]: r["revision"] for r in records}
         return {dataset: found.get(dataset, 0) for dataset in names}
 
-    async def write(self, conn: asyncpg.Connection, batch: WriteBatch) -> list[LoggedChange]:
-        """Writes a batch in the caller's transaction; returns the logged changes with their
-        log positions. The subjects must be locked by this transaction."""
+    async def write(self, conn: asyncpg.Connection, batch: WriteBatch) -> list[LoggedRange]:
+        """Writes a batch in the caller's transaction; returns the log positions its
+        changes took. The subjects must be locked by this transaction."""
         if batch.subjects:
             writes = sorted(batch.subjects, key=lambda w: w.key)
             datasets, kinds, ids = _columns(w.key for w in writes)
@@ -498,11 +501,11 @@ class StateStore:
 
     async def _log(
         self, conn: asyncpg.Connection, changes: Sequence[tuple[str, Change, bytes]]
-    ) -> list[LoggedChange]:
+    ) -> list[LoggedRange]:
         by_dataset: defaultdict[str, list[tuple[Change, bytes]]] = defaultdict(list)
         for dataset, change, reason in changes:
             by_dataset[dataset].append((change, reason))
-        logged: list[LoggedChange] = []
+        logged: list[LoggedRange] = []
         for dataset in sorted(by_dataset):
             entries = by_dataset[dataset]
             # The head's row lock, held to the commit, orders allocation with commit.
@@ -553,10 +556,7 @@ class StateStore:
                 NOTIFY_CHANNEL,
                 notify_payload(self.origin, dataset, ((c.kind, c.subject_id) for c, _ in entries)),
             )
-            logged.extend(
-                LoggedChange(dataset, first + index, change, reason)
-                for index, (change, reason) in enumerate(entries)
-            )
+            logged.append(LoggedRange(dataset, first, last))
         return logged
 
     async def _insert_log(
@@ -600,9 +600,13 @@ def notify_payload(origin: str, dataset: str, members: Iterable[tuple[int, str]]
     ``kind:id`` per member whose memberships changed, one a line (``*`` instead of the
     members when they do not fit)."""
     lines = [origin, dataset]
+    seen: set[tuple[int, str]] = set()
     size = len(origin) + len(dataset) + 1
-    for kind, subject_id in dict.fromkeys(members):
-        line = f"{int(kind)}:{subject_id}"
+    for member in members:
+        if member in seen:
+            continue
+        seen.add(member)
+        line = f"{int(member[0])}:{member[1]}"
         size += len(line.encode()) + 1
         if size > _NOTIFY_BUDGET:
             return f"{origin}\n{dataset}\n*"

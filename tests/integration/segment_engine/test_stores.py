@@ -50,7 +50,7 @@ async def _write(
         logged = await state.write(conn, batch)
         # Held open after allocating positions: a later writer must not commit past it.
         await asyncio.sleep(hold)
-    return [entry.seq for entry in logged]
+    return [seq for entry in logged for seq in entry.positions]
 
 
 async def test_a_tailing_reader_never_skips_a_change_committed_by_concurrent_writers(

@@ -2,21 +2,23 @@
 
 For each partition a batch touches, one Lua script runs atomically in Redis:
 
-1. an event is a duplicate when its de-dup key exists, or when an earlier event of the
-   same call had the same key;
+1. each event's de-dup key is set if it does not exist (``SET NX PX``, expiring after the
+   window); an event whose key existed, or was set by an earlier event of the same call, is
+   a duplicate;
 2. the records of the others, concatenated, become one ``EventBatch`` entry (``XADD``
    with the bus layout: field ``b`` the payload, ``h`` the trace headers);
-3. only then is each appended event's de-dup key set, expiring after the window, holding
-   the entry id that carried it.
+3. should that ``XADD`` fail, the keys just set are deleted before the script returns the
+   error.
 
-Appending before marking means an event is never marked seen without being appended; the
-script being atomic means no other call can slip between the check and the mark, so no
-event is appended twice within the window. Redis runs a script to the end or not at all
-unless the server dies mid-script; a write refused for lack of memory can only be the
-first write, the ``XADD``, which leaves nothing behind.
+So an event is never marked seen without being appended, and the script being atomic, no
+other call can slip between the check and the append: no event is appended twice within
+the window. Redis refuses a script's write for lack of memory only at its first write (a
+``SET``), before anything changed; after that the ``XADD`` can fail only on a key of the
+wrong type, which step 3 undoes (``DEL`` is always allowed).
 
 The de-dup key of an event is ``<stream key>:seen:<dataset>:<event_id>``: it shares the
-stream's hash tag, so under Redis Cluster the script's keys all live in one slot.
+stream's hash tag, so under Redis Cluster the script's keys all live in one slot. Each costs
+about 150 bytes of Redis memory (for a 36-character id) for the length of the window.
 """
 
 from __future__ import annotations
@@ -50,17 +52,15 @@ _log = logging.getLogger(__name__)
 # of encoding the command.
 _APPEND = f"""
 local n = #KEYS - 1
-local fresh, order, dups = {{}}, {{}}, {{}}
+local fresh, dups = {{}}, {{}}
 for i = 1, n do
-  local key = KEYS[i + 1]
-  if fresh[key] or redis.call('EXISTS', key) == 1 then
-    dups[#dups + 1] = i
+  if redis.call('SET', KEYS[i + 1], '1', 'NX', 'PX', ARGV[1]) then
+    fresh[#fresh + 1] = KEYS[i + 1]
   else
-    fresh[key] = true
-    order[#order + 1] = key
+    dups[#dups + 1] = i
   end
 end
-if #order == 0 then
+if #fresh == 0 then
   return {{false, dups}}
 end
 local payload = ARGV[3]
@@ -79,12 +79,13 @@ if #dups > 0 then
 end
 local id
 if ARGV[2] == '' then
-  id = redis.call('XADD', KEYS[1], '*', '{PAYLOAD_FIELD}', payload)
+  id = redis.pcall('XADD', KEYS[1], '*', '{PAYLOAD_FIELD}', payload)
 else
-  id = redis.call('XADD', KEYS[1], '*', '{PAYLOAD_FIELD}', payload, '{HEADERS_FIELD}', ARGV[2])
+  id = redis.pcall('XADD', KEYS[1], '*', '{PAYLOAD_FIELD}', payload, '{HEADERS_FIELD}', ARGV[2])
 end
-for i = 1, #order do
-  redis.call('SET', order[i], id, 'PX', ARGV[1])
+if type(id) == 'table' and id.err then
+  redis.call('DEL', unpack(fresh))
+  return id
 end
 return {{id, dups}}
 """

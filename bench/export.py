@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -36,10 +35,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from audience.db import dsn_with_database
-from audience.embedded import EmbeddedPostgres, EmbeddedRedis
 from audience.v1 import (
     export_service_pb2,
     export_service_pb2_grpc,
@@ -49,97 +45,12 @@ from audience.v1 import (
     segment_service_pb2,
     segment_service_pb2_grpc,
 )
+from bench._suite import free_port, log, scratch_database, servers, service, wait_serving
 
 GOAL_ROWS_PER_S = 1_000_000
 GOAL_RATIO = 0.25
-IMPORT_CHUNK = 10_000
+IMPORT_CHUNK = 100_000
 SERVICES = ("profile", "segment_engine", "export")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-@contextlib.asynccontextmanager
-async def _servers(directory: Path) -> AsyncIterator[tuple[str, str]]:
-    """A superuser PostgreSQL DSN and a Redis URL: configured, or embedded in ``directory``."""
-    async with contextlib.AsyncExitStack() as stack:
-        dsn = os.environ.get("AUDIENCE_POSTGRES_DSN")
-        url = os.environ.get("AUDIENCE_REDIS_URL")
-        if not dsn:
-            postgres = EmbeddedPostgres(directory / "postgres")
-            dsn = await asyncio.to_thread(postgres.start)
-            stack.push_async_callback(asyncio.to_thread, postgres.stop)
-        if not url:
-            redis = EmbeddedRedis(directory / "redis")
-            url = await asyncio.to_thread(redis.start)
-            stack.push_async_callback(asyncio.to_thread, redis.stop)
-        yield dsn, url
-
-
-@contextlib.asynccontextmanager
-async def _scratch_database(admin_dsn: str) -> AsyncIterator[str]:
-    name = f"audience_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield dsn_with_database(admin_dsn, name)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-@contextlib.asynccontextmanager
-async def _service(
-    name: str, environ: Mapping[str, str], address: str, logs: Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    log = (logs / f"{name}.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        f"services.{name}",
-        env={**environ, "AUDIENCE_LISTEN": address},
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        log.close()
-
-
-async def _wait_serving(address: str, service: str, process: asyncio.subprocess.Process) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            if process.returncode is not None:
-                raise RuntimeError(f"{service} exited with {process.returncode}; see its log")
-            try:
-                response = await stub.Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=1
-                )
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{service} did not start serving")
 
 
 def _ids(count: int) -> Iterator[list[str]]:
@@ -172,7 +83,7 @@ async def _fill(channel: grpc.aio.Channel, dataset: str, count: int) -> str:
         response = await segments.ImportSegmentMembers(iter([request]), timeout=600)
         joined += response.joined_count
         if joined % (count // 10 or 1) < len(ids):
-            _log(f"  {joined:,} imported")
+            log(f"  {joined:,} imported")
     if joined != count:
         raise RuntimeError(f"imported {joined} members, expected {count}")
     members = membership_service_pb2_grpc.MembershipServiceStub(channel)
@@ -217,8 +128,8 @@ async def _copy(dsn: str, dataset: str, path: Path) -> tuple[int, float]:
 def _show_logs(directory: Path) -> None:
     for name in SERVICES:
         lines = (directory / f"{name}.log").read_text(errors="replace").splitlines()
-        _log(f"--- last lines of {name}'s log ---")
-        _log("\n".join(lines[-80:]))
+        log(f"--- last lines of {name}'s log ---")
+        log("\n".join(lines[-80:]))
 
 
 @contextlib.asynccontextmanager
@@ -226,7 +137,7 @@ async def _sampling(profile_dir: Path | None, pids: Mapping[str, int]) -> AsyncI
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if profile_dir is None or spy is None:
         if profile_dir is not None:
-            _log("py-spy is not installed: no profiles")
+            log("py-spy is not installed: no profiles")
         yield
         return
     samplers = [
@@ -255,13 +166,6 @@ async def _sampling(profile_dir: Path | None, pids: Mapping[str, int]) -> AsyncI
             await sampler.wait()
 
 
-_GRPC_NAMES = {
-    "profile": "audience.v1.ProfileService",
-    "segment_engine": "audience.v1.MembershipService",
-    "export": "audience.v1.ExportService",
-}
-
-
 async def _measure(
     addresses: Mapping[str, str],
     processes: Mapping[str, asyncio.subprocess.Process],
@@ -271,23 +175,23 @@ async def _measure(
     directory: Path,
 ) -> tuple[int, float, int, float]:
     for name in SERVICES:
-        await _wait_serving(addresses[name], _GRPC_NAMES[name], processes[name])
+        await wait_serving(addresses[name], name, processes[name])
     dataset = f"bench{uuid.uuid4().hex[:8]}"
     async with grpc.aio.insecure_channel(addresses["segment_engine"]) as engine:
-        _log(f"Importing {members:,} members ...")
+        log(f"Importing {members:,} members ...")
         started = time.perf_counter()
         segment = await _fill(engine, dataset, members)
-        _log(f"  imported in {time.perf_counter() - started:.1f}s")
+        log(f"  imported in {time.perf_counter() - started:.1f}s")
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(addresses["export"], options=options) as export:
-        _log("Downloading through ExportSegmentCsv ...")
+        log("Downloading through ExportSegmentCsv ...")
         pids = {name: processes[name].pid for name in ("segment_engine", "export")}
         async with _sampling(profile_dir, pids):
             rows, seconds = await _download(export, segment, directory / "export.csv")
-    _log(f"  {rows:,} rows in {seconds:.2f}s")
-    _log("Copying the same rows with COPY ... TO STDOUT (FORMAT csv) ...")
+    log(f"  {rows:,} rows in {seconds:.2f}s")
+    log("Copying the same rows with COPY ... TO STDOUT (FORMAT csv) ...")
     baseline_rows, baseline_seconds = await _copy(dsn, dataset, directory / "copy.csv")
-    _log(f"  {baseline_rows:,} rows in {baseline_seconds:.2f}s")
+    log(f"  {baseline_rows:,} rows in {baseline_seconds:.2f}s")
     with (directory / "export.csv").open("rb") as file:
         lines = sum(1 for _ in file)
     if rows != members or lines != members + 1 or baseline_rows != members:
@@ -302,11 +206,11 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, float | int]:
     with tempfile.TemporaryDirectory(prefix="audience-bench-export-") as scratch:
         directory = Path(scratch)
         async with (
-            _servers(directory) as (admin_dsn, redis_url),
-            _scratch_database(admin_dsn) as dsn,
+            servers(directory) as (admin_dsn, redis_url),
+            scratch_database(admin_dsn) as dsn,
             contextlib.AsyncExitStack() as stack,
         ):
-            addresses = {name: f"127.0.0.1:{_free_port()}" for name in SERVICES}
+            addresses = {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
             environ = {
                 **os.environ,
                 "AUDIENCE_POSTGRES_DSN": dsn,
@@ -320,7 +224,12 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, float | int]:
             processes = {}
             for name in SERVICES:
                 processes[name] = await stack.enter_async_context(
-                    _service(name, environ, addresses[name], directory)
+                    service(
+                        ("-m", f"services.{name}"),
+                        {**environ, "AUDIENCE_LISTEN": addresses[name]},
+                        directory,
+                        name,
+                    )
                 )
             try:
                 rows, seconds, baseline_rows, baseline_seconds = await _measure(
@@ -351,7 +260,7 @@ def main() -> None:
     result = asyncio.run(run(args.members, args.profile_dir))
     speed = "met" if result["rows_per_s"] >= GOAL_ROWS_PER_S else "missed"
     ratio = "met" if result["ratio"] >= GOAL_RATIO else "missed"
-    _log(f"Goal: {GOAL_ROWS_PER_S:,} rows/s ({speed}), ratio {GOAL_RATIO} ({ratio})")
+    log(f"Goal: {GOAL_ROWS_PER_S:,} rows/s ({speed}), ratio {GOAL_RATIO} ({ratio})")
     print(json.dumps(result), flush=True)
 
 

@@ -10,9 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from audience.v1 import export_pb2, export_service_pb2
 from tests.e2e.export.conftest import Feeds
 from tests.integration.export.peers import SftpServer, eventually
+
+pytestmark = pytest.mark.e2e
 
 
 def rows(data: bytes) -> list[list[str]]:

@@ -16,6 +16,8 @@ from audience.v1 import export_pb2, export_service_pb2, export_service_pb2_grpc,
 from services.export.app import DEFINITION
 from tests.e2e.conftest import RunningSuite, StartSuite, new_dataset
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 async def suite(start_suite: StartSuite, tmp_path: Path) -> AsyncIterator[RunningSuite]:

@@ -17,6 +17,8 @@ from tests.e2e.conftest import StartSuite, new_dataset
 from tests.e2e.export.conftest import FAST, Feeds
 from tests.integration.export.peers import HttpReceiver, eventually
 
+pytestmark = pytest.mark.e2e
+
 SECRET = "whsec-e2e-0123456789"
 
 

@@ -13,6 +13,8 @@ from services.export.domain.model import SftpTarget
 from services.export.ports import DestinationError
 from tests.integration.export.peers import PASSWORD, USERNAME, SftpServer
 
+pytestmark = pytest.mark.integration
+
 SECRET = "AUDIENCE_SECRET_PARTNER"
 
 

@@ -26,6 +26,8 @@ from services.export.domain.model import (
 from services.export.scheduler import Scheduler
 from services.export.store import ExportStore, NewDelivery
 
+pytestmark = pytest.mark.integration
+
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=30)
 

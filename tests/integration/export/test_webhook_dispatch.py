@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import pytest
+
 from services.export.adapters.http import HttpSender
 from services.export.domain.model import ChangeKind, DeliveryState, WebhookSubscription
 from services.export.domain.webhooks import verify
@@ -20,6 +22,8 @@ from services.export.ports import SystemClock
 from services.export.store import ExportStore, NewDelivery
 from services.export.webhook_worker import Dispatcher, WebhookSettings
 from tests.integration.export.peers import HttpReceiver, eventually
+
+pytestmark = pytest.mark.integration
 
 SECRET = "whsec-0123456789abcdef"
 SETTINGS = WebhookSettings(

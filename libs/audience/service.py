@@ -20,7 +20,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from audience import db
+from audience.channels import Channels, ChannelSettings
 from audience.config import CommonConfig, ConfigError
+from audience.security import Security
 from audience.server import Host, ServiceUnit
 from audience.streams import Bus
 from audience.telemetry import Telemetry, configure_logging, setup_telemetry
@@ -40,6 +42,8 @@ class Resources:
     redis: Redis
     bus: Bus
     telemetry: Telemetry
+    channels: Channels
+    """Opens channels to the other services: ``resources.channels.open(address)``."""
 
     @classmethod
     async def open(
@@ -51,8 +55,15 @@ class Resources:
         redis_url: str,
         telemetry: Telemetry,
         pool_size: int,
+        channels: ChannelSettings | None = None,
     ) -> Resources:
-        """Opens the PostgreSQL pool and the Redis client; closes both if either fails."""
+        """Opens the PostgreSQL pool and the Redis client; closes both if either fails.
+
+        Args:
+            channels: how the services call each other; by default read from ``environ``
+                (``AUDIENCE_INTERNAL_API_KEY``, ``AUDIENCE_TLS_CA_FILE``, …).
+        """
+        settings = channels or ChannelSettings.from_env(environ, common)
         # No socket_timeout: redis-py then wraps every send in asyncio.wait_for, which on
         # Python 3.11 can swallow a task's cancellation (CPython gh-86296), leaving consumer
         # loops running after shutdown. TCP keepalive and health checks find dead peers.
@@ -76,7 +87,7 @@ class Resources:
             await redis.aclose()
             raise
         bus = Bus(redis, namespace=common.redis_namespace, partitions=common.bus_partitions)
-        return cls(common, environ, postgres, redis, bus, telemetry)
+        return cls(common, environ, postgres, redis, bus, telemetry, Channels(settings, telemetry))
 
     async def close(self) -> None:
         await self.postgres.close()
@@ -118,9 +129,19 @@ async def serve(
     *,
     postgres_dsn: str,
     redis_url: str,
+    security: Security | None = None,
     on_started: Callable[[Host], None] = lambda host: None,
 ) -> int:
-    """Runs services in one host until SIGTERM or SIGINT; returns the exit code."""
+    """Runs services in one host until SIGTERM or SIGINT; returns the exit code.
+
+    Args:
+        security: API keys, TLS and how the services call each other; by default read from
+            ``environ`` as for a service run alone (:meth:`Security.from_env`).
+    """
+    if security is None:
+        security = Security.from_env(environ, common, embedded=False)
+    for line in security.describe():
+        _log.info("Security: %s", line)
     label = "audience" if len(definitions) > 1 else definitions[0].name
     telemetry = setup_telemetry(label, common.otel, common.otel_endpoint)
     try:
@@ -131,11 +152,19 @@ async def serve(
             redis_url=redis_url,
             telemetry=telemetry,
             pool_size=8 * len(definitions),
+            channels=security.channels,
         )
         try:
             await migrate(resources.postgres, definitions)
             units = [await definition.build(resources) for definition in definitions]
-            host = Host(units, common, telemetry=telemetry)
+            services = [name for unit in units for name in unit.service_names]
+            host = Host(
+                units,
+                common,
+                telemetry=telemetry,
+                interceptors=security.server_interceptors(services),
+                credentials=security.server_credentials(),
+            )
             await host.start()
             on_started(host)
             return await host.run_until_signal()
@@ -157,8 +186,20 @@ def run_alone(definition: ServiceDefinition) -> None:
         raise SystemExit(2) from None
     configure_logging(common.log_level, common.log_format)
     try:
+        security = Security.from_env(environ, common, embedded=False)
+    except ConfigError as error:
+        print(f"{definition.name}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
         code = asyncio.run(
-            serve([definition], common, environ, postgres_dsn=postgres_dsn, redis_url=redis_url)
+            serve(
+                [definition],
+                common,
+                environ,
+                postgres_dsn=postgres_dsn,
+                redis_url=redis_url,
+                security=security,
+            )
         )
     except ConfigError as error:
         print(f"{definition.name}: {error}", file=sys.stderr)

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from audience import errors
-from audience.cli.suite import ADDRESS_OPTION
+from audience.cli.connection import connect, connection_options
 from audience.v1 import event_pb2, ingest_service_pb2, ingest_service_pb2_grpc
 
 __all__ = ["events", "failed_events"]
@@ -223,7 +223,7 @@ async def _send(
     retries: int,
     console: Console,
 ) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with connect(address) as channel:
         stub: Any = ingest_service_pb2_grpc.IngestServiceStub(channel)
         for batch in batches:
             request = ingest_service_pb2.SendEventsRequest(
@@ -276,7 +276,7 @@ def events() -> None:
 
 
 @events.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.option(
     "--file",
@@ -398,7 +398,7 @@ def failed_events() -> None:
 async def _list_pages(
     address: str, dataset: str, reason: str, page_size: int, every: bool
 ) -> AsyncIterator[ingest_service_pb2.ListFailedEventsResponse]:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with connect(address) as channel:
         stub: Any = ingest_service_pb2_grpc.IngestServiceStub(channel)
         token = ""
         while True:
@@ -418,7 +418,7 @@ async def _list_pages(
 
 
 @failed_events.command("list")
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.option("--reason", default="", help="Only failures with this reason.")
 @click.option(
@@ -463,7 +463,7 @@ def list_failed(address: str, dataset: str, reason: str, page_size: int, every: 
 
 
 @failed_events.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("names", nargs=-1)
 @click.option("--reason", default="", help="With --all: only failures with this reason.")
@@ -477,7 +477,7 @@ def replay(address: str, dataset: str, names: tuple[str, ...], reason: str, ever
     full = [n if "/" in n else f"datasets/{dataset}/failedEvents/{n}" for n in names]
 
     async def call() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with connect(address) as channel:
             stub: Any = ingest_service_pb2_grpc.IngestServiceStub(channel)
             request = ingest_service_pb2.ReplayFailedEventsRequest(
                 parent=f"datasets/{dataset}", names=full, reason=reason

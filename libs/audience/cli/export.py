@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from audience.cli.suite import ADDRESS_OPTION
+from audience.cli.connection import connect, connection_options
 from audience.errors import decode
 from audience.v1 import export_pb2, export_service_pb2, export_service_pb2_grpc, membership_pb2
 
@@ -78,7 +78,7 @@ def _call(
     address: str, action: Callable[[export_service_pb2_grpc.ExportServiceStub], Awaitable[T]]
 ) -> T:
     async def run() -> T:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with connect(address) as channel:
             return await action(export_service_pb2_grpc.ExportServiceStub(channel))
 
     try:
@@ -179,7 +179,7 @@ def export() -> None:
 
 
 @export.command("csv")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("segments", nargs=-1, required=True)
 @COLUMN_OPTION
 @click.option(
@@ -233,7 +233,7 @@ def destinations() -> None:
 
 
 @destinations.command("create-folder")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @click.argument("destination_id")
 @click.argument("path")
@@ -252,7 +252,7 @@ def create_folder(
 
 
 @destinations.command("create-sftp")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @click.argument("destination_id")
 @click.option("--host", required=True)
@@ -298,7 +298,7 @@ def create_sftp(
 
 
 @destinations.command("get")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def get_destination(address: str, name: str) -> None:
     """Shows a destination."""
@@ -307,7 +307,7 @@ def get_destination(address: str, name: str) -> None:
 
 
 @destinations.command("list")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @_paged
 def list_destinations(address: str, parent: str, page_size: int, page_token: str) -> None:
@@ -327,7 +327,7 @@ def list_destinations(address: str, parent: str, page_size: int, page_token: str
 
 
 @destinations.command("delete")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def delete_destination(address: str, name: str) -> None:
     """Deletes a destination no schedule uses."""
@@ -345,7 +345,7 @@ def jobs() -> None:
 
 
 @jobs.command("create")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @_job_options
 @click.option("--id", "job_id", default="", help="The job id; generated when absent.")
@@ -393,7 +393,7 @@ def _wait(address: str, name: str) -> export_pb2.ExportJob:
 
 
 @jobs.command("get")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait for the job to end, showing its progress.")
 def get_job(address: str, name: str, wait: bool) -> None:
@@ -406,7 +406,7 @@ def get_job(address: str, name: str, wait: bool) -> None:
 
 
 @jobs.command("list")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @click.option("--schedule", default="", help="Only the jobs of this schedule.")
 @_paged
@@ -435,7 +435,7 @@ def list_jobs(address: str, parent: str, schedule: str, page_size: int, page_tok
 
 
 @jobs.command("cancel")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def cancel_job(address: str, name: str) -> None:
     """Cancels a pending or running job."""
@@ -452,7 +452,7 @@ def schedules() -> None:
 
 
 @schedules.command("create")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @click.argument("schedule_id")
 @click.option("--cron", required=True, help="Five fields, such as '0 2 * * *'.")
@@ -489,7 +489,7 @@ def create_schedule(
 
 
 @schedules.command("get")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def get_schedule(address: str, name: str) -> None:
     """Shows a schedule."""
@@ -498,7 +498,7 @@ def get_schedule(address: str, name: str) -> None:
 
 
 @schedules.command("list")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @_paged
 def list_schedules(address: str, parent: str, page_size: int, page_token: str) -> None:
@@ -520,7 +520,7 @@ def list_schedules(address: str, parent: str, page_size: int, page_token: str) -
 
 
 @schedules.command("run")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait for the job to end, showing its progress.")
 def run_schedule(address: str, name: str, wait: bool) -> None:
@@ -539,7 +539,7 @@ def _set_paused(address: str, name: str, paused: bool) -> None:
 
 
 @schedules.command("pause")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def pause_schedule(address: str, name: str) -> None:
     """Stops a schedule from running."""
@@ -547,7 +547,7 @@ def pause_schedule(address: str, name: str) -> None:
 
 
 @schedules.command("resume")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def resume_schedule(address: str, name: str) -> None:
     """Lets a paused schedule run again (from its next time, not its missed ones)."""
@@ -555,7 +555,7 @@ def resume_schedule(address: str, name: str) -> None:
 
 
 @schedules.command("delete")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def delete_schedule(address: str, name: str) -> None:
     """Deletes a schedule."""
@@ -573,7 +573,7 @@ def webhooks() -> None:
 
 
 @webhooks.command("create")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @click.argument("subscription_id")
 @click.option("--url", required=True)
@@ -617,7 +617,7 @@ def create_webhook(
 
 
 @webhooks.command("get")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def get_webhook(address: str, name: str) -> None:
     """Shows a webhook subscription."""
@@ -626,7 +626,7 @@ def get_webhook(address: str, name: str) -> None:
 
 
 @webhooks.command("list")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("parent")
 @_paged
 def list_webhooks(address: str, parent: str, page_size: int, page_token: str) -> None:
@@ -643,7 +643,7 @@ def list_webhooks(address: str, parent: str, page_size: int, page_token: str) ->
 
 
 @webhooks.command("delete")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 def delete_webhook(address: str, name: str) -> None:
     """Deletes a webhook subscription and its pending deliveries."""
@@ -653,7 +653,7 @@ def delete_webhook(address: str, name: str) -> None:
 
 
 @webhooks.command("deliveries")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 @click.option(
     "--state", type=click.Choice(sorted(_DELIVERY_STATES)), default="dead", show_default=True
@@ -678,7 +678,7 @@ def list_deliveries(address: str, name: str, state: str, page_size: int, page_to
 
 
 @webhooks.command("replay")
-@ADDRESS_OPTION
+@connection_options
 @click.argument("name")
 @click.option("--delivery", "deliveries", multiple=True, help="A dead delivery; all when none.")
 def replay_deliveries(address: str, name: str, deliveries: tuple[str, ...]) -> None:

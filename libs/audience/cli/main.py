@@ -1,7 +1,8 @@
 """The ``audience`` command-line tool for people.
 
 Commands that talk to a running suite take ``--address`` (default ``127.0.0.1:50051``, or
-``AUDIENCE_ADDRESS``), where ``audience up`` serves every service.
+``AUDIENCE_ADDRESS``), where ``audience up`` serves every service, and the API key and TLS
+options of :mod:`audience.cli.connection`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import click
 
 from audience.cli.events import events, failed_events
 from audience.cli.export import export
+from audience.cli.keys import keys
 from audience.cli.profiles import accounts, profiles
 from audience.cli.segments import explain, members, segments, watch
 from audience.cli.suite import health, migrate, up
@@ -31,6 +33,7 @@ cli.add_command(explain)
 cli.add_command(members)
 cli.add_command(profiles)
 cli.add_command(accounts)
+cli.add_command(keys)
 cli.add_command(events)
 cli.add_command(failed_events)
 

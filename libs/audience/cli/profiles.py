@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-from audience.cli.suite import ADDRESS_OPTION
+from audience.cli.connection import connect, connection_options
 from audience.errors import decode
 from audience.v1 import (
     common_pb2,
@@ -46,7 +46,7 @@ def _call(
     address: str, action: Callable[[profile_service_pb2_grpc.ProfileServiceStub], Awaitable[T]]
 ) -> T:
     async def run() -> T:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with connect(address) as channel:
             return await action(profile_service_pb2_grpc.ProfileServiceStub(channel))
 
     try:
@@ -200,7 +200,7 @@ def profiles() -> None:
 
 
 @profiles.command("get")
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("profile", required=False)
 @click.option("--identity", help="Find the profile by an identity, TYPE=VALUE.")
@@ -249,7 +249,7 @@ def get_profile(
 
 
 @profiles.command("erase")
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("profile")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -294,7 +294,7 @@ def accounts() -> None:
 
 
 @accounts.command("get")
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("account")
 @click.option("--users", default=20, show_default=True, help="How many of its users to list.")

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from audience.cli.suite import ADDRESS_OPTION
+from audience.cli.connection import connect, connection_options
 from audience.errors import decode
 from audience.v1 import (
     membership_pb2,
@@ -83,7 +83,7 @@ class _Stubs:
 
 def _call(address: str, action: Callable[[_Stubs], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with connect(address) as channel:
             return await action(_Stubs(channel))
 
     try:
@@ -168,7 +168,7 @@ def segments() -> None:
 
 
 @segments.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("segment_id")
 @click.option("--rule", help="The rule in the text form.")
@@ -222,7 +222,7 @@ def create(
 
 
 @segments.command(name="list")
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.option("--kind", type=click.Choice(list(_KINDS)))
 @click.option("--state", type=click.Choice(list(_STATES)))
@@ -272,7 +272,7 @@ def list_segments(
 
 
 @segments.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("segment")
 def get(address: str, dataset: str, segment: str) -> None:
@@ -291,7 +291,7 @@ def get(address: str, dataset: str, segment: str) -> None:
 
 
 @segments.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("segment")
 @click.option("--rule", help="A new rule in the text form (makes a new version).")
@@ -342,7 +342,7 @@ def update(
 
 
 @segments.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("segment")
 def delete(address: str, dataset: str, segment: str) -> None:
@@ -359,7 +359,7 @@ def delete(address: str, dataset: str, segment: str) -> None:
 
 
 @segments.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.option("--rule", help="The rule in the text form.")
 @click.option("--rule-file", help="A file holding the rule's text ('-' for standard input).")
@@ -389,7 +389,7 @@ def preview(
 
 
 @segments.command(name="import")
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("segment")
 @click.argument("file", type=click.File("rb"))
@@ -421,7 +421,7 @@ def import_members(address: str, dataset: str, segment: str, file: Any, mode: st
 
 
 @segments.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("segment")
 @click.option("--days", default=14, show_default=True)
@@ -465,7 +465,7 @@ def _reason(change: membership_pb2.MembershipChange) -> str:
 
 
 @click.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.option("--segment", "segment_filter", multiple=True, help="Only this segment (repeat).")
 @click.option("--kind", type=click.Choice(list(_CHANGE_KINDS)), help="Only joins or leaves.")
@@ -529,7 +529,7 @@ def watch(
 
 
 @click.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("profile")
 @click.argument("segment")
@@ -566,7 +566,7 @@ def explain(address: str, dataset: str, profile: str, segment: str, account: boo
 
 
 @click.command()
-@ADDRESS_OPTION
+@connection_options
 @DATASET_OPTION
 @click.argument("segment")
 @click.option("--limit", default=0, help="Stop after this many members (0: all).")

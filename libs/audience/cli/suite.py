@@ -10,24 +10,18 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import click
-import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from audience.cli.connection import connect, connection_options
 from audience.config import CommonConfig, ConfigError, redact_url
 from audience.embedded import EmbeddedPostgres, EmbeddedRedis
+from audience.security import Security
 from audience.server import Host
 from audience.telemetry import configure_logging
-
-ADDRESS_OPTION = click.option(
-    "--address",
-    default="127.0.0.1:50051",
-    show_default=True,
-    envvar="AUDIENCE_ADDRESS",
-    help="Where the suite answers.",
-)
 
 
 def _common_config(environ: Mapping[str, str]) -> CommonConfig:
@@ -52,7 +46,7 @@ async def _servers(stack: AsyncExitStack, common: CommonConfig) -> tuple[str, st
 
 
 def _print_endpoints(
-    console: Console, host: Host, common: CommonConfig, dsn: str, url: str
+    console: Console, host: Host, common: CommonConfig, security: Security, dsn: str, url: str
 ) -> None:
     from services.registry import SERVICES
 
@@ -70,7 +64,28 @@ def _print_endpoints(
     console.print(f"Redis:      {redact_url(url)}")
     if embedded:
         console.print(f"Data:       {Path(common.data_dir).resolve()}")
+    _print_security(console, security)
     console.print("Press Ctrl-C to stop.")
+
+
+def _print_security(console: Console, security: Security) -> None:
+    tls = security.server_tls
+    console.print(f"TLS:        {'off' if tls is None else ('mutual' if tls.mutual else 'on')}")
+    if security.keys is None:
+        console.print(
+            "[bold red]Authentication is OFF:[/bold red] every caller may read and change "
+            "every dataset (AUDIENCE_AUTH=disabled, or no keys configured)."
+        )
+    elif security.dev_key is None:
+        console.print("API keys:   as configured (docs/security.md)")
+    else:
+        dev = security.dev_key
+        made = "made now" if dev.created else "kept from an earlier run"
+        console.print(f"API key:    [bold]{escape(dev.key)}[/bold]")
+        console.print(
+            f"            the development key ({made}, in {dev.path.resolve()}); send it as "
+            "`authorization: Bearer <key>`. The audience CLI reads it from there."
+        )
 
 
 def _grpc_names(service: str) -> tuple[str, ...]:
@@ -88,6 +103,10 @@ def up() -> None:
 
     With AUDIENCE_POSTGRES_DSN and AUDIENCE_REDIS_URL unset, starts an embedded PostgreSQL and
     Redis that keep their data under AUDIENCE_DATA_DIR (./data). Ctrl-C stops everything.
+
+    Calls need an API key when AUDIENCE_API_KEYS (or AUDIENCE_API_KEYS_FILE) is set, or
+    AUDIENCE_AUTH=enabled: without configured keys, a development key is made once under
+    AUDIENCE_DATA_DIR, printed, and read from there by the other commands.
     """
     from audience.service import serve
     from services.registry import SERVICES
@@ -96,6 +115,10 @@ def up() -> None:
     common = _common_config(environ)
     configure_logging(common.log_level, common.log_format)
     console = Console()
+    try:
+        security = Security.from_env(environ, common, embedded=True)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
 
     async def run() -> int:
         async with AsyncExitStack() as stack:
@@ -106,7 +129,8 @@ def up() -> None:
                 environ,
                 postgres_dsn=dsn,
                 redis_url=url,
-                on_started=lambda host: _print_endpoints(console, host, common, dsn, url),
+                security=security,
+                on_started=lambda host: _print_endpoints(console, host, common, security, dsn, url),
             )
         return 1
 
@@ -145,7 +169,7 @@ def migrate() -> None:
 
 
 @click.command()
-@ADDRESS_OPTION
+@connection_options
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for answers.")
 def health(address: str, timeout: float) -> None:
     """Shows each service's health status."""
@@ -159,7 +183,7 @@ def health(address: str, timeout: float) -> None:
     )
 
     async def check() -> list[tuple[str, str]]:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with connect(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             rows: list[tuple[str, str]] = []
             for service in services:

@@ -249,3 +249,19 @@ async def test_the_backlog_gauge_keeps_measuring_in_the_background_until_cancell
     with pytest.raises(asyncio.CancelledError):
         await running
     assert gauge.value >= 1
+
+
+async def test_an_unreachable_bus_fails_the_call_with_unavailable(key_prefix: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(AudienceError) as refused:
+            await ingestor(Bus(client, namespace=key_prefix, partitions=4)).ingest(
+                "shop", [track("a")]
+            )
+    finally:
+        await client.aclose()
+    assert refused.value.code.name == "UNAVAILABLE"
+    assert refused.value.retry_delay == timedelta(seconds=1)

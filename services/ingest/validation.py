@@ -321,8 +321,10 @@ class Validator:
             self._map(properties, "properties", 1, out)
         if event.HasField("context"):
             self._context(event.context, out)
-        if event.HasField("timestamp") or event.HasField("sent_at"):
-            self._times(event, received_at_ns, out)
+        has_timestamp = event.HasField("timestamp")
+        has_sent_at = event.HasField("sent_at")
+        if has_timestamp or has_sent_at:
+            self._times(event, has_timestamp, has_sent_at, received_at_ns, out)
 
     def _guard_size(self) -> None:
         """Refuses an oversized event before walking its nested values, whose number only
@@ -539,10 +541,16 @@ class Validator:
                 else:
                     self._value(item, item_kind, f"{path}[{index}]", depth + 1, out)
 
-    def _times(self, event: event_pb2.Event, received_at_ns: int, out: list[Violation]) -> None:
+    def _times(
+        self,
+        event: event_pb2.Event,
+        has_timestamp: bool,
+        has_sent_at: bool,
+        received_at_ns: int,
+        out: list[Violation],
+    ) -> None:
         """Checks the times of an event that has a ``timestamp`` or a ``sent_at``."""
-        has_sent_at = event.HasField("sent_at")
-        if not event.HasField("timestamp"):
+        if not has_timestamp:
             # Its time is its receipt time, whatever sent_at says.
             _event_time(event.sent_at, "sent_at", out)
             return

@@ -18,8 +18,9 @@ service embeds it in its own frozen dataclass and reads its own variables with t
                 dedup_window=env.duration("AUDIENCE_INGEST_DEDUP_WINDOW", timedelta(hours=24)),
             )
 
-``python -m audience.config --check`` validates the current environment and prints the
-effective configuration (secrets redacted), or one line naming the bad variable.
+``python -m audience.config --check`` validates the current environment, as a service run
+alone reads it (API keys and TLS files included), and prints the effective configuration
+(secrets redacted), or one line naming the bad variable.
 """
 
 from __future__ import annotations
@@ -412,14 +413,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="read the configuration; print it, or the first error and exit 2",
     )
     parser.parse_args(argv)
+    # Imported here: the security modules build on this one.
+    from audience.security import Security
+
     try:
         config = CommonConfig.from_env(os.environ)
+        security = Security.from_env(os.environ, config, embedded=False)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
-    print("\n".join(_describe(config)))
+    print("\n".join([*_describe(config), *security.describe()]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m`, this file is `__main__`; the package's own module is the one the
+    # security modules import, so its ConfigError is the one they raise.
+    from audience.config import main as package_main
+
+    sys.exit(package_main())

@@ -35,6 +35,7 @@ __all__ = ["ClientTls", "ServerTls"]
 
 
 def _read(variable: str, path: str) -> bytes:
+    """Reads a PEM file; called before the ``ssl`` checks, whose errors say less."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
@@ -95,14 +96,16 @@ class ServerTls:
 
     @classmethod
     def from_files(cls, cert: str, key: str, client_ca: str | None = None) -> ServerTls:
+        chain = _read("AUDIENCE_TLS_CERT_FILE", cert)
+        private_key = _read("AUDIENCE_TLS_KEY_FILE", key)
         _check_pair("AUDIENCE_TLS_CERT_FILE", cert, "AUDIENCE_TLS_KEY_FILE", key)
         ca: bytes | None = None
         if client_ca is not None:
-            _check_ca("AUDIENCE_TLS_CLIENT_CA_FILE", client_ca)
             ca = _read("AUDIENCE_TLS_CLIENT_CA_FILE", client_ca)
+            _check_ca("AUDIENCE_TLS_CLIENT_CA_FILE", client_ca)
         return cls(
-            certificate_chain=_read("AUDIENCE_TLS_CERT_FILE", cert),
-            private_key=_read("AUDIENCE_TLS_KEY_FILE", key),
+            certificate_chain=chain,
+            private_key=private_key,
             client_ca=ca,
             source=cert if client_ca is None else f"{cert}, client CA {client_ca}",
         )
@@ -164,14 +167,14 @@ class ClientTls:
             raise ConfigError(f"{missing}: required with {present}")
         roots: bytes | None = None
         if ca is not None:
-            _check_ca(ca_variable, ca)
             roots = _read(ca_variable, ca)
+            _check_ca(ca_variable, ca)
         chain: bytes | None = None
         private_key: bytes | None = None
         if cert is not None and key is not None:
-            _check_pair(cert_variable, cert, key_variable, key)
             chain = _read(cert_variable, cert)
             private_key = _read(key_variable, key)
+            _check_pair(cert_variable, cert, key_variable, key)
         return cls(roots, private_key, chain, server_name)
 
     @classmethod

@@ -81,11 +81,10 @@ def _print_security(console: Console, security: Security) -> None:
     else:
         dev = security.dev_key
         made = "made now" if dev.created else "kept from an earlier run"
-        console.print(f"API key:    [bold]{escape(dev.key)}[/bold]")
-        console.print(
-            f"            the development key ({made}, in {dev.path.resolve()}); send it as "
-            "`authorization: Bearer <key>`. The audience CLI reads it from there."
-        )
+        console.print(f"API key:    [bold]{escape(dev.key)}[/bold] (development key, {made})")
+        where = escape(str(dev.path.resolve()))
+        console.print(f"            in {where}, where the audience CLI finds it;")
+        console.print("            other clients send `authorization: Bearer <key>`")
 
 
 def _grpc_names(service: str) -> tuple[str, ...]:

@@ -169,29 +169,52 @@ class _Run:
 
     def queue(self, segment_ids: Iterable[str], via: str = "") -> None:
         rank = self.catalog.rank
+        known = self._via
+        if not self._heap and not via:
+            # The trigger's segments: sorted once (a sorted list is a heap), no pushes.
+            fresh = [(rank[i], i) for i in segment_ids if i not in known]
+            fresh.sort()
+            for _, segment_id in fresh:
+                known[segment_id] = ""
+            self._heap = fresh
+            return
         for segment_id in segment_ids:
-            known = self._via.get(segment_id)
-            if known is None:
-                self._via[segment_id] = via
+            queued = known.get(segment_id)
+            if queued is None:
+                known[segment_id] = via
                 heapq.heappush(self._heap, (rank[segment_id], segment_id))
-            elif known and not via:
-                self._via[segment_id] = via
+            elif queued and not via:
+                known[segment_id] = via
 
     def run(self) -> None:
+        # The hot loop of evaluation: everything it touches is a local.
         segments = self.catalog.segments
         subject = self.subject
-        while self._heap:
-            _, segment_id = heapq.heappop(self._heap)
-            via = self._via.pop(segment_id)
+        kind = subject.kind
+        view = subject.view
+        now = self.now
+        names = self.names
+        counts = subject.rollup_counts
+        memberships = subject.memberships
+        timers = subject.timers
+        heap = self._heap
+        via_of = self._via
+        pop = heapq.heappop
+        while heap:
+            segment_id = pop(heap)[1]
+            via = via_of.pop(segment_id)
             segment = segments[segment_id]
             rule = segment.rule
-            if rule is None or segment.kind is not subject.kind:
+            if rule is None or segment.kind is not kind:
                 continue
-            result = rule.matches(subject.view, self.now, self.names, subject.rollup_counts)
-            self._set_timer(segment_id, rule)
-            if result != (segment_id in subject.memberships):
-                cause = Cause.DEPENDENCY if via else self.cause
-                self.record(segment_id, result, cause, via, rule)
+            result = rule.matches(view, now, names, counts)
+            if rule.time_dependent:
+                self._set_timer(segment_id, rule)
+            elif timers:
+                timers.pop(segment_id, None)
+            if result != (segment_id in memberships):
+                self.record(segment_id, result, Cause.DEPENDENCY if via else self.cause, via, rule)
+                heap = self._heap
 
     def record(
         self,

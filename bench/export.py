@@ -15,7 +15,8 @@ DSN: a scratch database is made and dropped), or embedded servers when unset. Wi
 the download runs (flame graphs in that folder).
 
 The last line printed is JSON: ``rows``, ``seconds``, ``rows_per_s``, ``baseline_seconds``,
-``baseline_rows_per_s`` and ``ratio``.
+``baseline_rows_per_s``, ``ratio``, and ``cpu_seconds``: the CPU time the engine, the
+export service and the client used during the download, which shows where it went.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc.aio
+import psutil
 
 from audience.v1 import (
     export_service_pb2,
@@ -173,7 +176,7 @@ async def _measure(
     members: int,
     profile_dir: Path | None,
     directory: Path,
-) -> tuple[int, float, int, float]:
+) -> tuple[int, float, int, float, dict[str, float]]:
     for name in SERVICES:
         await wait_serving(addresses[name], name, processes[name])
     dataset = f"bench{uuid.uuid4().hex[:8]}"
@@ -186,9 +189,14 @@ async def _measure(
     async with grpc.aio.insecure_channel(addresses["export"], options=options) as export:
         log("Downloading through ExportSegmentCsv ...")
         pids = {name: processes[name].pid for name in ("segment_engine", "export")}
+        watched = {name: psutil.Process(pid) for name, pid in pids.items()}
+        before = {name: _cpu(process) for name, process in watched.items()}
+        client_before = time.process_time()
         async with _sampling(profile_dir, pids):
             rows, seconds = await _download(export, segment, directory / "export.csv")
-    log(f"  {rows:,} rows in {seconds:.2f}s")
+        cpu = {name: round(_cpu(process) - before[name], 2) for name, process in watched.items()}
+        cpu["client"] = round(time.process_time() - client_before, 2)
+    log(f"  {rows:,} rows in {seconds:.2f}s; CPU seconds meanwhile: {cpu}")
     log("Copying the same rows with COPY ... TO STDOUT (FORMAT csv) ...")
     baseline_rows, baseline_seconds = await _copy(dsn, dataset, directory / "copy.csv")
     log(f"  {baseline_rows:,} rows in {baseline_seconds:.2f}s")
@@ -199,10 +207,15 @@ async def _measure(
             f"row counts disagree: {rows} streamed, {lines - 1} in the file, "
             f"{baseline_rows} copied, {members} imported"
         )
-    return rows, seconds, baseline_rows, baseline_seconds
+    return rows, seconds, baseline_rows, baseline_seconds, cpu
 
 
-async def run(members: int, profile_dir: Path | None) -> dict[str, float | int]:
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def run(members: int, profile_dir: Path | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="audience-bench-export-") as scratch:
         directory = Path(scratch)
         async with (
@@ -232,7 +245,7 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, float | int]:
                     )
                 )
             try:
-                rows, seconds, baseline_rows, baseline_seconds = await _measure(
+                rows, seconds, baseline_rows, baseline_seconds, cpu = await _measure(
                     addresses, processes, dsn, members, profile_dir, directory
                 )
             except BaseException:
@@ -247,6 +260,7 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, float | int]:
         "baseline_seconds": round(baseline_seconds, 3),
         "baseline_rows_per_s": round(baseline_rows_per_s),
         "ratio": round(rows_per_s / baseline_rows_per_s, 3),
+        "cpu_seconds": cpu,
     }
 
 

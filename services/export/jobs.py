@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import random
 import tempfile
@@ -219,9 +220,31 @@ class JobRunner:
             raise DestinationError(
                 f"the destination {job.spec.destination_id!r} no longer exists", retryable=False
             )
-        spool = self._settings.spool_dir
-        with tempfile.TemporaryDirectory(prefix="audience-export-", dir=spool) as directory:
-            produced = await self._produce(job, progress, Path(directory) / "export.csv")
+        settings = self._settings
+        with tempfile.TemporaryDirectory(
+            prefix="audience-export-", dir=settings.spool_dir
+        ) as directory:
+            for attempt in itertools.count(1):
+                try:
+                    produced = await self._produce(job, progress, Path(directory) / "export.csv")
+                    break
+                except (AudienceError, TimeoutError) as error:
+                    # A peer restarting must not cost a night's feed: reading is retried
+                    # like an upload.
+                    if not _transient(error) or attempt >= settings.max_attempts:
+                        raise
+                    progress.error = f"reading the members failed: {_describe(error)}"
+                    delay = backoff(
+                        attempt, settings.backoff_base, settings.backoff_cap, self._jitter()
+                    )
+                    _log.warning(
+                        "Export job %s/%s: %s; retrying in %.1fs",
+                        job.dataset,
+                        job.job_id,
+                        progress.error,
+                        delay.total_seconds(),
+                    )
+                    await asyncio.sleep(delay.total_seconds())
             await self._upload(job, destination, produced, progress)
 
     async def _produce(self, job: ExportJob, progress: _Progress, path: Path) -> _File:
@@ -428,6 +451,16 @@ async def _remove_quietly(sink: FileSink, names: dict[str, str]) -> None:
             await asyncio.shield(sink.remove(temporary))
         except (DestinationError, asyncio.CancelledError):
             _log.warning("Could not remove the temporary file %s", temporary)
+
+
+# Status codes (by name) of peer failures that a later attempt may not meet.
+_TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
+
+
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, AudienceError):
+        return error.code.name in _TRANSIENT
+    return isinstance(error, TimeoutError)
 
 
 def _describe(error: BaseException) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 from importlib.resources import files
 
-import grpc.aio
-
 from audience.server import ServiceUnit
 from audience.service import Resources, ServiceDefinition
 from audience.v1 import export_service_pb2_grpc
@@ -30,17 +28,8 @@ async def build(resources: Resources) -> ServiceUnit:
     config = ExportConfig.from_env(resources.environ)
     clock = SystemClock()
     store = ExportStore(resources.postgres)
-    options = [
-        ("grpc.max_receive_message_length", config.common.max_message_bytes),
-        ("grpc.max_send_message_length", config.common.max_message_bytes),
-    ]
-    interceptors = resources.telemetry.client_interceptors()
-    engine_channel = grpc.aio.insecure_channel(
-        str(config.segment_engine), options=options, interceptors=interceptors
-    )
-    profile_channel = grpc.aio.insecure_channel(
-        str(config.profile), options=options, interceptors=interceptors
-    )
+    engine_channel = resources.channels.open(config.segment_engine)
+    profile_channel = resources.channels.open(config.profile)
     members = MembershipClient(engine_channel)
     producer = CsvProducer(
         members,

@@ -85,6 +85,16 @@ def parse_etag(value: str, name: str) -> int | None:
     return int(match[1])
 
 
+MAX_DISPLAY_NAME = 200
+
+
+def _display_name(value: str, field: str) -> str:
+    if len(value) > MAX_DISPLAY_NAME:
+        description = f"at most {MAX_DISPLAY_NAME} characters"
+        raise invalid_argument(f"{field}: {description}", FieldViolation(field, description))
+    return value
+
+
 def _unknown_mask(paths: Sequence[str], allowed: Sequence[str]) -> None:
     if not paths:
         raise invalid_argument(
@@ -176,7 +186,7 @@ class ExportApplication:
         destination = Destination(
             dataset=dataset,
             destination_id=destination_id,
-            display_name=display_name,
+            display_name=_display_name(display_name, "destination.display_name"),
             target=validate_target(target, self._root, "destination"),
             create_time=now,
             update_time=now,
@@ -214,6 +224,7 @@ class ExportApplication:
         target: Target | None,
     ) -> Destination:
         _unknown_mask(paths, ("display_name", "folder", "sftp"))
+        _display_name(display_name, "destination.display_name")
         name = child_name(dataset, DESTINATIONS, destination_id)
         changed_target = None
         if "folder" in paths or "sftp" in paths:
@@ -304,6 +315,7 @@ class ExportApplication:
         paused: bool,
     ) -> Schedule:
         check_new_id(schedule_id, "schedule_id")
+        _display_name(display_name, "schedule.display_name")
         cron = validate_cron(cron, "schedule.cron")
         time_zone = validate_time_zone(time_zone, "schedule.time_zone")
         template = await self._check_spec(dataset, template, "schedule.job_template")
@@ -358,6 +370,7 @@ class ExportApplication:
         paused: bool,
     ) -> Schedule:
         _unknown_mask(paths, ("display_name", "cron", "time_zone", "job_template", "paused"))
+        _display_name(display_name, "schedule.display_name")
         name = child_name(dataset, SCHEDULES, schedule_id)
         if "cron" in paths:
             cron = validate_cron(cron, "schedule.cron")
@@ -422,6 +435,7 @@ class ExportApplication:
         fields: SubscriptionFields,
     ) -> WebhookSubscription:
         check_new_id(subscription_id, "webhook_subscription_id")
+        _display_name(fields.display_name, "webhook_subscription.display_name")
         now = self._clock.now()
         subscription = WebhookSubscription(
             dataset=dataset,
@@ -475,6 +489,7 @@ class ExportApplication:
     ) -> WebhookSubscription:
         allowed = ("display_name", "url", "segments", "kinds", "secret", "paused", "max_attempts")
         _unknown_mask(paths, allowed)
+        _display_name(values.display_name, "webhook_subscription.display_name")
         name = child_name(dataset, WEBHOOK_SUBSCRIPTIONS, subscription_id)
         url = validate_url(values.url, "webhook_subscription.url") if "url" in paths else ""
         secret = (

@@ -22,11 +22,16 @@ __all__ = ["next_run", "validate_cron", "validate_time_zone", "zone"]
 # the wall times of the first occurrence.
 _LOOKBACK = timedelta(hours=3)
 _MAX_STEPS = 100_000
+_MAX_EXPRESSION = 256
 
 
 def validate_cron(expression: str, field: str = "cron") -> str:
     expression = " ".join(expression.split())
-    if len(expression.split(" ")) != 5 or not croniter.is_valid(expression):
+    if (
+        len(expression) > _MAX_EXPRESSION
+        or len(expression.split(" ")) != 5
+        or not croniter.is_valid(expression)
+    ):
         description = (
             "a five-field cron expression (minute hour day-of-month month day-of-week), "
             f"such as '0 2 * * *'; got {expression!r}"

@@ -24,6 +24,7 @@ _SECRET_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]{0,127}")
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,255}")
 _KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[A-Za-z0-9@.-]+")
 MAX_PATH = 1024
+MAX_HOST_KEY = 16_384
 
 
 def _bad(field: str, description: str) -> Exception:
@@ -60,6 +61,8 @@ def _check_path(path: str, field: str, *, absolute: bool) -> str:
 
 
 def _check_host_key(line: str, field: str) -> str:
+    if len(line) > MAX_HOST_KEY:
+        raise _bad(field, f"at most {MAX_HOST_KEY} characters")
     fields = line.split()
     if not fields:
         return ""

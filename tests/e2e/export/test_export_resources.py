@@ -265,3 +265,21 @@ async def test_a_webhook_with_a_short_secret_is_refused(suite: RunningSuite) -> 
         )
 
     assert [v.field for v in decode(raised.value).violations] == ["webhook_subscription.secret"]
+
+
+async def test_a_display_name_over_200_characters_is_refused(suite: RunningSuite) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub(suite).CreateDestination(
+            export_service_pb2.CreateDestinationRequest(
+                parent=f"datasets/{new_dataset()}",
+                destination_id="partner",
+                destination=export_pb2.Destination(
+                    display_name="x" * 201,
+                    sftp=export_pb2.SftpTarget(
+                        host="h", path="/in", username="u", credential_secret="S"
+                    ),
+                ),
+            )
+        )
+
+    assert [v.field for v in decode(raised.value).violations] == ["destination.display_name"]

@@ -90,14 +90,7 @@ async def build(resources: Resources) -> ServiceUnit:
         timers.committed(done)
 
     processor.on_commit.append(committed)
-    channel = grpc.aio.insecure_channel(
-        str(config.profile_address),
-        interceptors=resources.telemetry.client_interceptors(),
-        options=[
-            ("grpc.max_receive_message_length", config.common.max_message_bytes),
-            ("grpc.max_send_message_length", config.common.max_message_bytes),
-        ],
-    )
+    channel = resources.channels.open(config.profile_address)
     profiles = ProfileClient(channel)
     backfiller = Backfiller(
         pool,

@@ -239,6 +239,12 @@ class Env:
                 return candidate
         raise self._fail(name, "one of " + ", ".join(choices), value)
 
+    def optional_address(self, name: str) -> Address | None:
+        """Reads an optional ``host:port``, like :meth:`address`."""
+        if self._raw(name) is None:
+            return None
+        return self.address(name, Address("", 0))
+
     def address(self, name: str, default: Address) -> Address:
         """Reads ``host:port``; an IPv6 host is written in brackets (``[::1]:50051``)."""
         value = self._raw(name)
@@ -301,6 +307,8 @@ class CommonConfig:
     """What every Audience process reads; services embed it in their own config."""
 
     listen: Address
+    health_listen: Address | None
+    """A second, plaintext address serving only health, for probes that cannot use TLS."""
     postgres_dsn: str | None
     """Unset means ``audience up`` starts the embedded PostgreSQL (see ``require_postgres_dsn``)."""
     redis_url: str | None
@@ -326,6 +334,7 @@ class CommonConfig:
         env = Env(environ)
         return cls(
             listen=env.address("AUDIENCE_LISTEN", Address("127.0.0.1", 50051)),
+            health_listen=env.optional_address("AUDIENCE_HEALTH_LISTEN"),
             postgres_dsn=env.url("AUDIENCE_POSTGRES_DSN", ("postgresql", "postgres")),
             redis_url=env.url("AUDIENCE_REDIS_URL", ("redis", "rediss", "unix")),
             redis_namespace=env.string(

@@ -5,6 +5,9 @@ one. Either way the server has the same limits, keepalive, interceptors (tracing
 errors, then any the caller adds, such as authentication), the health service with a
 status per hosted service, and reflection.
 
+With TLS, a second, plaintext port (``AUDIENCE_HEALTH_LISTEN``) can serve the health
+service alone, for probes that cannot speak TLS (the kubelet's ``grpc:`` probes).
+
 Shutdown, on SIGTERM or SIGINT, on :meth:`Host.stop`, or when a background task dies:
 health turns NOT_SERVING for every service, background tasks are cancelled, in-flight RPCs
 get the grace period to finish, then every unit closes its resources.
@@ -106,6 +109,8 @@ class Host:
         ]
         self._credentials = credentials
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._health_port: int | None = None
         self._health: health.aio.HealthServicer | None = None
         self._port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,6 +124,11 @@ class Host:
         if self._port is None:
             raise RuntimeError("the host has not started")
         return self._port
+
+    @property
+    def health_port(self) -> int | None:
+        """The bound port of the plaintext health listener, if ``config.health_listen``."""
+        return self._health_port
 
     @property
     def exit_code(self) -> int:
@@ -171,6 +181,8 @@ class Host:
                 raise OSError(f"cannot listen on {address}: {error}") from error
             self._port = port
             await server.start()
+            if self._config.health_listen is not None:
+                await self._start_health(servicer, self._config.health_listen)
         except BaseException:
             await self.stop(timedelta(0))
             raise
@@ -184,6 +196,20 @@ class Host:
             Address(self._config.listen.host, port),
         )
         return port
+
+    async def _start_health(self, servicer: health.aio.HealthServicer, listen: Address) -> None:
+        # The same servicer: statuses, and NOT_SERVING at shutdown, are the main port's.
+        server = grpc.aio.server(options=self._options())
+        self._health_server = server
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        try:
+            self._health_port = server.add_insecure_port(str(listen))
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {listen}: {error}") from error
+        await server.start()
+        _log.info(
+            "Serving health alone, in plaintext, on %s", Address(listen.host, self._health_port)
+        )
 
     async def _supervise(self, label: str, task: BackgroundTask) -> None:
         try:
@@ -254,6 +280,8 @@ class Host:
             await self._stop_background(grace)
             if self._server is not None:
                 await self._server.stop(grace.total_seconds())
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             for unit in reversed(self._units):
                 try:
                     await unit.close()

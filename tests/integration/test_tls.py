@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 import pytest
 from click.testing import CliRunner, Result
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from audience import errors
 from audience.auth import DEV_KEY_FILE
@@ -233,3 +234,20 @@ async def test_the_cli_reaches_a_mutual_tls_server_with_a_key(tmp_path: Path, pk
     assert "audience.v1.SegmentService" in health.output
     assert "SERVING" in health.output
     assert "UNAVAILABLE" in no_cert.output
+
+
+async def test_a_plaintext_health_port_serves_probes_beside_mutual_tls(pki: Pki) -> None:
+    environ = {**_tls_environment(pki, mutual=True), "AUDIENCE_HEALTH_LISTEN": "127.0.0.1:0"}
+    async with secured_host(environ) as (host, _):
+        assert host.health_port is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{host.health_port}") as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="audience.v1.SegmentService"), timeout=5
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await segment_service_pb2_grpc.SegmentServiceStub(channel).GetSegment(
+                    GET, timeout=5
+                )
+
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -55,6 +55,8 @@ class FakeProfiles(profile_service_pb2_grpc.ProfileServiceServicer):
     )
     registered: dict[str, profile_pb2.AggregateSpec] = field(default_factory=dict)
     queries: int = 0
+    # Seconds each streamed response waits, to catch a backfill midway.
+    delay: float = 0.0
 
     async def RegisterAggregates(  # noqa: N802
         self, request: Any, context: grpc.aio.ServicerContext
@@ -115,6 +117,7 @@ class FakeProfiles(profile_service_pb2_grpc.ProfileServiceServicer):
             )
             return
         for start in range(0, len(matched), chunk):
+            await asyncio.sleep(self.delay)
             part = matched[start : start + chunk]
             yield profile_service_pb2.QueryProfilesResponse(
                 profile_ids=part,

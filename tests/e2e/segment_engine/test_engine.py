@@ -695,3 +695,92 @@ async def test_stats_count_joins_and_leaves_per_day(start_suite: StartSuite) -> 
     assert len(stats.days) == 3
     today = stats.days[-1]
     assert (today.joins, today.leaves, today.size) == (2, 1, 1)
+
+
+async def test_validate_rule_returns_the_canonical_rule_and_what_it_depends_on(
+    start_suite: StartSuite,
+) -> None:
+    async with engine(start_suite) as e:
+        base = await e.clients.create(e.dataset, "base", 'attributes.plan = "pro"')
+        response = await e.clients.segments.ValidateRule(
+            segment_service_pb2.ValidateRuleRequest(
+                parent=f"datasets/{e.dataset}",
+                kind=segment_pb2.SEGMENT_KIND_USER,
+                rule_text=f'count(event "product_view", last 30 minutes) >= 1 and '
+                f'in segment "{base.name}"',
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await e.clients.segments.ValidateRule(
+                segment_service_pb2.ValidateRuleRequest(
+                    parent=f"datasets/{e.dataset}",
+                    kind=segment_pb2.SEGMENT_KIND_USER,
+                    rule_text=f'in segment "datasets/{e.dataset}/segments/nope"',
+                )
+            )
+    assert list(response.event_names) == ["product_view"]
+    assert list(response.segments) == [base.name]
+    assert response.time_dependent
+    assert response.rule.WhichOneof("node") == "all"
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_preview_estimates_the_size_and_samples_members_without_saving(
+    start_suite: StartSuite,
+) -> None:
+    async with engine(start_suite) as e:
+        await e.feed.publish(
+            [
+                e.feed.change(f"p{n}", attributes_view(score=float(n)), ["attribute:score"])
+                for n in range(12)
+            ]
+        )
+        preview = await e.clients.segments.PreviewSegment(
+            segment_service_pb2.PreviewSegmentRequest(
+                parent=f"datasets/{e.dataset}",
+                kind=segment_pb2.SEGMENT_KIND_USER,
+                rule_text="attributes.score >= 8",
+                sample_size=3,
+            )
+        )
+        listed = await e.clients.segments.ListSegments(
+            segment_service_pb2.ListSegmentsRequest(parent=f"datasets/{e.dataset}")
+        )
+    assert preview.estimated_size == 4
+    assert preview.profiles_scanned == 12
+    assert len(preview.sample_members) == 3
+    assert all(m.startswith(f"datasets/{e.dataset}/profiles/p") for m in preview.sample_members)
+    assert not listed.segments
+
+
+async def test_a_backfill_interrupted_by_a_restart_finishes_after_it(
+    start_suite: StartSuite,
+) -> None:
+    fake = fake_profiles()
+    dataset = new_dataset()
+    definitions = [DEFINITION, fake_profile_definition(fake)]
+    async with start_suite(definitions, FAST) as suite:
+        feed = Feed(suite.resources.bus, dataset, fake)
+        await feed.publish(
+            [
+                feed.change(f"p{n:02d}", attributes_view(vip=True), ["attribute:vip"])
+                for n in range(40)
+            ]
+        )
+        await asyncio.sleep(0.5)
+        fake.delay = 0.2
+        clients = Clients(suite.channel)
+        segment = await clients.create(dataset, "vips", "attributes.vip = true")
+        deadline = time.monotonic() + 10
+        while (
+            await clients.segments.GetSegment(
+                segment_service_pb2.GetSegmentRequest(name=segment.name)
+            )
+        ).segment.member_count == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    fake.delay = 0.0
+    async with start_suite(definitions, FAST) as suite:
+        done = await Clients(suite.channel).wait_active(segment.name)
+    assert done.member_count == 40
+    assert done.backfill.percent == 100

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from audience.rules.aggregates import BucketState
 from audience.rules.values import datetime_from_micros
 from audience.v1 import event_pb2
 from services.profile.cache import StateCache
@@ -57,8 +58,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-_ACCOUNT_UPDATE = event_pb2.EventType.EVENT_TYPE_ACCOUNT_UPDATE
-_IDENTIFY = event_pb2.EventType.EVENT_TYPE_IDENTIFY
+_IDENTIFY = int(event_pb2.EVENT_TYPE_IDENTIFY)
 _ATTEMPTS = 20
 
 
@@ -270,24 +270,16 @@ class Applier:
         now: int,
         changes: list[Published],
     ) -> Callable[[], None]:
-        """Finishes a unit whose profiles are changed: rolls the users up into their
-        accounts (locked after the users), raises the sequences, writes, and encodes the
-        changes to publish. Returns what to do once the transaction has committed.
+        """Finishes a unit whose profiles are changed: raises the sequences, writes the
+        users, rolls them up into their accounts (locked last), writes those, and encodes
+        the changes to publish. Returns what to do once the transaction has committed.
 
         Merged-away profiles are deleted here; erased ones must be deleted already.
         """
         store = self.store
-        account_keys = outcome.accounts(states)
-        created = await store.create(conn, ACCOUNT, account_keys)
-        accounts = await self._accounts(conn, await store.lock(conn, ACCOUNT, account_keys))
-        account_touches = apply_accounts(outcome, states, accounts, sorted(created & set(accounts)))
-
         for key, touch in outcome.touches.items():
             if touch.changed():
                 states[key].sequence += 1
-        for account_key, account_touch in account_touches.items():
-            if account_touch.changed():
-                accounts[account_key].sequence += 1
 
         await store.record_merges(
             conn,
@@ -308,14 +300,31 @@ class Applier:
                 for aggregate_id, start in outcome.touches[key].removed
             ],
         )
-        await store.write_buckets(
-            conn,
-            [
-                (key[0], key[1], aggregate_id, states[key].aggregates[aggregate_id].buckets[start])
-                for key in kept
-                for aggregate_id, start in sorted(outcome.touches[key].buckets)
-            ],
-        )
+        inserted: list[tuple[str, str, str, BucketState]] = []
+        updated: list[tuple[str, str, str, BucketState]] = []
+        for key in kept:
+            touch = outcome.touches[key]
+            aggregates = states[key].aggregates
+            for aggregate_id, start in sorted(touch.buckets):
+                row = (key[0], key[1], aggregate_id, aggregates[aggregate_id].buckets[start])
+                (inserted if (aggregate_id, start) in touch.created else updated).append(row)
+        # The states were taken out of the cache, so a second attempt reads their rows.
+        try:
+            await store.insert_buckets(conn, inserted)
+        except asyncpg.UniqueViolationError as error:
+            raise RetryError("a bucket believed new existed; reading the profiles again") from error
+        if await store.update_buckets(conn, updated) != len(updated):
+            raise RetryError("a bucket believed to exist was gone; reading the profiles again")
+
+        # Accounts last: many units share an account, so its row lock is held only for the
+        # unit's final statements (still after the users' locks, the one order of all units).
+        account_keys = outcome.accounts(states)
+        created = await store.create(conn, ACCOUNT, account_keys)
+        accounts = await self._accounts(conn, await store.lock(conn, ACCOUNT, account_keys))
+        account_touches = apply_accounts(outcome, states, accounts, sorted(created & set(accounts)))
+        for account_key, account_touch in account_touches.items():
+            if account_touch.changed():
+                accounts[account_key].sequence += 1
         await store.write_accounts(
             conn, [accounts[k] for k, touch in account_touches.items() if touch.changed()]
         )

@@ -547,26 +547,68 @@ class ProfileStore:
             " max, first_time, last_time,"
             " CASE WHEN dv IS NULL THEN '{}'::text[]"
             " ELSE ARRAY(SELECT jsonb_array_elements_text(dv::jsonb)) END"
-            " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[],"
-            " $6::float8[], $7::float8[], $8::float8[], $9::timestamptz[], $10::timestamptz[],"
-            " $11::text[]) AS u(dataset, profile_id, aggregate_id, bucket_start, count, sum,"
-            " min, max, first_time, last_time, dv)"
+            f" FROM {_BUCKET_ARRAYS}"
             " ON CONFLICT (dataset, kind, profile_id, aggregate_id, bucket_start) DO UPDATE SET"
             " count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,"
             " max = EXCLUDED.max, first_time = EXCLUDED.first_time,"
             " last_time = EXCLUDED.last_time, distinct_values = EXCLUDED.distinct_values",
-            [row[0] for row in rows],
-            [row[1] for row in rows],
-            [row[2] for row in rows],
-            [datetime_from_micros(row[3].start) for row in rows],
-            [row[3].count for row in rows],
-            [row[3].sum for row in rows],
-            [row[3].min for row in rows],
-            [row[3].max for row in rows],
-            [_moment(row[3].first_time) for row in rows],
-            [_moment(row[3].last_time) for row in rows],
-            [_distinct_json(row[3].distinct_values) for row in rows],
+            *_bucket_columns(rows),
         )
+
+    async def insert_buckets(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[str, str, str, BucketState]],
+    ) -> None:
+        """Inserts buckets known not to exist, through COPY (twice the rate of an upsert).
+
+        Raises:
+            asyncpg.UniqueViolationError: one existed after all.
+        """
+        if not rows:
+            return
+        await conn.copy_records_to_table(
+            "aggregate_buckets",
+            schema_name="profile",
+            columns=_BUCKET_COLUMNS,
+            records=[
+                (
+                    dataset,
+                    "user",
+                    profile_id,
+                    aggregate_id,
+                    _moment(bucket.start),
+                    bucket.count,
+                    bucket.sum,
+                    bucket.min,
+                    bucket.max,
+                    _moment(bucket.first_time),
+                    _moment(bucket.last_time),
+                    list(bucket.distinct_values),
+                )
+                for dataset, profile_id, aggregate_id, bucket in rows
+            ],
+        )
+
+    async def update_buckets(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[str, str, str, BucketState]],
+    ) -> int:
+        """Updates buckets known to exist; returns how many rows it found."""
+        if not rows:
+            return 0
+        status: str = await conn.execute(
+            f"UPDATE {S}.aggregate_buckets AS b SET count = u.count, sum = u.sum,"
+            " min = u.min, max = u.max, first_time = u.first_time, last_time = u.last_time,"
+            " distinct_values = CASE WHEN u.dv IS NULL THEN '{}'::text[]"
+            " ELSE ARRAY(SELECT jsonb_array_elements_text(u.dv::jsonb)) END"
+            f" FROM {_BUCKET_ARRAYS}"
+            " WHERE b.dataset = u.dataset AND b.kind = 'user' AND b.profile_id = u.profile_id"
+            " AND b.aggregate_id = u.aggregate_id AND b.bucket_start = u.bucket_start",
+            *_bucket_columns(rows),
+        )
+        return int(status.rpartition(" ")[2])
 
     async def delete_buckets(
         self, conn: asyncpg.Connection, rows: Sequence[tuple[str, str, str, int]]
@@ -586,8 +628,58 @@ class ProfileStore:
         )
 
 
+_BUCKET_COLUMNS = [
+    "dataset",
+    "kind",
+    "profile_id",
+    "aggregate_id",
+    "bucket_start",
+    "count",
+    "sum",
+    "min",
+    "max",
+    "first_time",
+    "last_time",
+    "distinct_values",
+]
+_BUCKET_ARRAYS = (
+    "unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[], $6::float8[],"
+    " $7::float8[], $8::float8[], $9::timestamptz[], $10::timestamptz[], $11::text[])"
+    " AS u(dataset, profile_id, aggregate_id, bucket_start, count, sum, min, max, first_time,"
+    " last_time, dv)"
+)
+
+
+def _bucket_columns(rows: Sequence[tuple[str, str, str, BucketState]]) -> list[list[Any]]:
+    return [
+        [row[0] for row in rows],
+        [row[1] for row in rows],
+        [row[2] for row in rows],
+        [datetime_from_micros(row[3].start) for row in rows],
+        [row[3].count for row in rows],
+        [row[3].sum for row in rows],
+        [row[3].min for row in rows],
+        [row[3].max for row in rows],
+        [_moment(row[3].first_time) for row in rows],
+        [_moment(row[3].last_time) for row in rows],
+        [_distinct_json(row[3].distinct_values) for row in rows],
+    ]
+
+
+# Instants as datetimes by value, for the same reason as the codec's encoded instants.
+_MOMENTS: dict[int, datetime] = {}
+_MOMENTS_LIMIT = 200_000
+
+
 def _moment(micros: int | None) -> datetime | None:
-    return None if micros is None else datetime_from_micros(micros)
+    if micros is None:
+        return None
+    found = _MOMENTS.get(micros)
+    if found is None:
+        if len(_MOMENTS) >= _MOMENTS_LIMIT:
+            _MOMENTS.clear()
+        found = _MOMENTS[micros] = datetime_from_micros(micros)
+    return found
 
 
 def _distinct_json(values: Sequence[str]) -> str | None:

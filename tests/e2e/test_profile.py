@@ -132,8 +132,10 @@ async def test_an_event_sent_to_ingest_shows_up_in_the_profile(start_suite: Star
         )
         [spec] = response.aggregates
         assert spec.aggregate_id.startswith("agg_")
+        # The visitor's events and the user's go to different partitions: one at a time.
+        await s.send(event(anon="d1", kind=E.EVENT_TYPE_PAGE, path="/home", at=T0, country="FR"))
+        await s.until("d1", 1)
         await s.send(
-            event(anon="d1", kind=E.EVENT_TYPE_PAGE, path="/home", at=T0, country="FR"),
             event(
                 user="u1",
                 anon="d1",

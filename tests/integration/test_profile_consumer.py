@@ -269,7 +269,7 @@ async def _kill_during(
 
 @pytest.mark.parametrize(
     "hook",
-    ["write_buckets", "publish"],
+    ["insert_buckets", "publish"],
     ids=["killed-before-commit", "killed-after-commit-before-ack"],
 )
 async def test_a_batch_redelivered_after_a_consumer_is_killed_leaves_counts_exact(
@@ -294,7 +294,7 @@ async def test_a_batch_redelivered_after_a_consumer_is_killed_leaves_counts_exac
         ),
         event(anon="a9", kind=E.EVENT_TYPE_PAGE, at=T0 + timedelta(seconds=3)),
     ]
-    if hook == "write_buckets":
+    if hook == "insert_buckets":
         await _kill_during(rig, first, hook, first.applier.store, dataset, events)
         assert await rig.profile(dataset, "u1") is None
     else:

@@ -548,3 +548,25 @@ def test_an_event_without_a_time_cannot_be_applied(kind: int) -> None:
     timeless.ClearField("received_at")
     with pytest.raises(ValueError, match="timestamp"):
         _apply(ProfileState("d", "u1"), timeless)
+
+
+@settings(max_examples=100, deadline=None)
+@given(moments=st.lists(st.integers(0, 10_000_000_000), min_size=1, max_size=20))
+def test_counting_without_an_observation_equals_accumulate(moments: list[int]) -> None:
+    index, (counted,) = _indexed(count_spec("page_view", width=timedelta(seconds=7)))
+    matcher = index.matchers[counted]
+    facts = [
+        facts_from_event(event(user="u1", kind=E.EVENT_TYPE_PAGE), None)[0].__class__(
+            "page_view", moment, {}, {}
+        )
+        for moment in moments
+    ]
+    state = ProfileState("d", "u1")
+    count_facts(state, facts, index, Touch(), NOW)
+    expected: dict[int, BucketState] = {}
+    for fact in facts:
+        observation = matcher.observe(fact)
+        assert observation is not None
+        start = observation.bucket_start
+        expected[start] = accumulate(expected.get(start), observation)
+    assert state.aggregates[counted].buckets == expected

@@ -21,12 +21,13 @@ from audience.rules.aggregates import (
     compile_aggregate,
 )
 from audience.rules.facts import Fact
-from audience.rules.values import value_from_proto
+from audience.rules.values import Instant, value_from_proto
 from audience.v1 import profile_pb2, rule_pb2
 from services.profile.domain.model import AggregateSeries, ProfileState, Touch
 
 __all__ = [
     "AggregateIndex",
+    "Compiled",
     "combine",
     "count_facts",
     "merge_series",
@@ -36,8 +37,11 @@ __all__ = [
 _O = rule_pb2.Operator
 
 
+_HASHABLE = frozenset({str, float, int, Instant})
+
+
 def _hashable(value: object) -> bool:
-    return isinstance(value, str | float | int)
+    return type(value) in _HASHABLE
 
 
 def _lookup_filter(spec: profile_pb2.AggregateSpec) -> tuple[str, list[object]] | None:
@@ -60,11 +64,32 @@ def _lookup_filter(spec: profile_pb2.AggregateSpec) -> tuple[str, list[object]] 
     return None
 
 
+_COUNT = int(rule_pb2.AggregateFunction.AGGREGATE_FUNCTION_COUNT)
+
+
+class Compiled:
+    """A compiled aggregate with what counting needs at hand."""
+
+    __slots__ = ("aggregate_id", "counts_only", "expires", "matcher", "matches", "width")
+
+    def __init__(self, matcher: AggregateMatcher) -> None:
+        self.matcher = matcher
+        self.matches = matcher.matches
+        self.aggregate_id = matcher.aggregate_id
+        self.width = matcher.width
+        # How far back a bucket may start and still be kept; 0: forever (all-time buckets
+        # never expire).
+        self.expires = matcher.retention if matcher.width else 0
+        # A count needs no value from the fact: it is counted here without building an
+        # Observation (the outcome equals ``accumulate``'s; the tests hold them together).
+        self.counts_only = matcher.function == _COUNT
+
+
 @dataclass(slots=True)
 class _NameIndex:
-    always: list[AggregateMatcher]
-    # property path → property value → matchers that need that value there.
-    keyed: dict[str, dict[object, list[AggregateMatcher]]]
+    always: list[Compiled]
+    # property path → property value → aggregates that need that value there.
+    keyed: dict[str, dict[object, list[Compiled]]]
 
 
 class AggregateIndex:
@@ -82,15 +107,16 @@ class AggregateIndex:
         for spec in specs:
             matcher = compile_aggregate(spec)
             self.matchers[matcher.aggregate_id] = matcher
+            compiled = Compiled(matcher)
             entry = self._by_name.setdefault(spec.event_name, _NameIndex([], {}))
             found = _lookup_filter(spec)
             if found is None:
-                entry.always.append(matcher)
+                entry.always.append(compiled)
                 continue
             path, values = found
             table = entry.keyed.setdefault(path, {})
             for value in values:
-                table.setdefault(value, []).append(matcher)
+                table.setdefault(value, []).append(compiled)
 
     def __len__(self) -> int:
         return len(self.matchers)
@@ -99,7 +125,7 @@ class AggregateIndex:
         """The fact names some aggregate counts."""
         return set(self._by_name)
 
-    def candidates(self, fact: Fact) -> Iterator[AggregateMatcher]:
+    def candidates(self, fact: Fact) -> Iterator[Compiled]:
         """The aggregates that may count ``fact``: a superset of those that do."""
         entry = self._by_name.get(fact.name)
         if entry is None:
@@ -109,7 +135,7 @@ class AggregateIndex:
             properties = fact.properties
             for path, table in entry.keyed.items():
                 value = properties.get(path)
-                if value is not None and _hashable(value):
+                if type(value) in _HASHABLE:
                     found = table.get(value)
                     if found:
                         yield from found
@@ -180,6 +206,8 @@ def merge_series(
             mine = target[aggregate_id] = AggregateSeries()
         for start, bucket in series.buckets.items():
             existing = mine.buckets.get(start)
+            if existing is None:
+                touch.created.add((aggregate_id, start))
             mine.put(bucket if existing is None else combine(existing, bucket))
             touch.buckets.add((aggregate_id, start))
 
@@ -198,18 +226,46 @@ def count_facts(
     """
     aggregates = state.aggregates
     for fact in facts:
-        for matcher in index.candidates(fact):
-            observation = matcher.observe(fact)
-            if observation is None:
+        moment = fact.timestamp
+        for compiled in index.candidates(fact):
+            if compiled.counts_only:
+                if not compiled.matches(fact):
+                    continue
+                width = compiled.width
+                start = moment - moment % width if width else 0
+                observation = None
+            else:
+                observation = compiled.matcher.observe(fact)
+                if observation is None:
+                    continue
+                start = observation.bucket_start
+            if compiled.expires and start < now - compiled.expires:
                 continue
-            start = observation.bucket_start
-            if matcher.retention and matcher.width and start < now - matcher.retention:
-                continue
-            aggregate_id = matcher.aggregate_id
+            aggregate_id = compiled.aggregate_id
             series = aggregates.get(aggregate_id)
             if series is None:
                 series = aggregates[aggregate_id] = AggregateSeries()
-            series.put(accumulate(series.buckets.get(start), observation))
+            old = series.buckets.get(start)
+            if old is None:
+                touch.created.add((aggregate_id, start))
+            if observation is not None:
+                series.put(accumulate(old, observation))
+            elif old is None:
+                series.put(BucketState(start, 1, 0.0, None, None, moment, moment))
+            else:
+                first, last = old.first_time, old.last_time
+                series.put(
+                    BucketState(
+                        start,
+                        old.count + 1,
+                        old.sum,
+                        old.min,
+                        old.max,
+                        moment if first is None or moment < first else first,
+                        moment if last is None or moment > last else last,
+                        old.distinct_values,
+                    )
+                )
             touch.buckets.add((aggregate_id, start))
 
 
@@ -235,6 +291,10 @@ def prune(
         for start in starts:
             series.drop(start)
             touch.buckets.discard((aggregate_id, start))
-            touch.removed.add((aggregate_id, start))
+            if (aggregate_id, start) in touch.created:
+                # Never written: nothing to delete either.
+                touch.created.discard((aggregate_id, start))
+            else:
+                touch.removed.add((aggregate_id, start))
         if not series.buckets:
             del state.aggregates[aggregate_id]

@@ -49,8 +49,16 @@ __all__ = [
     "update_traits",
 ]
 
-_E = event_pb2.EventType
-_RECEIVED = event_pb2.CampaignAction.CAMPAIGN_ACTION_RECEIVED
+# Plain ints: an enum wrapper's attribute lookup runs Python code on every access.
+_TRACK = int(event_pb2.EVENT_TYPE_TRACK)
+_PAGE = int(event_pb2.EVENT_TYPE_PAGE)
+_SCREEN = int(event_pb2.EVENT_TYPE_SCREEN)
+_IDENTIFY = int(event_pb2.EVENT_TYPE_IDENTIFY)
+_CART_UPDATED = int(event_pb2.EVENT_TYPE_CART_UPDATED)
+_ORDER_COMPLETED = int(event_pb2.EVENT_TYPE_ORDER_COMPLETED)
+_CAMPAIGN_INTERACTION = int(event_pb2.EVENT_TYPE_CAMPAIGN_INTERACTION)
+_ACCOUNT_UPDATE = int(event_pb2.EVENT_TYPE_ACCOUNT_UPDATE)
+_RECEIVED = int(event_pb2.CAMPAIGN_ACTION_RECEIVED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,19 +69,19 @@ class Settings:
 
 
 _FIXED_NAMES = {
-    _E.EVENT_TYPE_PAGE: "page_view",
-    _E.EVENT_TYPE_SCREEN: "screen_view",
-    _E.EVENT_TYPE_IDENTIFY: "identify",
-    _E.EVENT_TYPE_CART_UPDATED: "cart_updated",
-    _E.EVENT_TYPE_ORDER_COMPLETED: "order_completed",
-    _E.EVENT_TYPE_CAMPAIGN_INTERACTION: "campaign_interaction",
-    _E.EVENT_TYPE_ACCOUNT_UPDATE: "account_updated",
+    _PAGE: "page_view",
+    _SCREEN: "screen_view",
+    _IDENTIFY: "identify",
+    _CART_UPDATED: "cart_updated",
+    _ORDER_COMPLETED: "order_completed",
+    _CAMPAIGN_INTERACTION: "campaign_interaction",
+    _ACCOUNT_UPDATE: "account_updated",
 }
 
 
 def event_name(event: event_pb2.Event) -> str:
     """The event's name: its own for a track event, the type's fixed one otherwise."""
-    if event.type == _E.EVENT_TYPE_TRACK:
+    if event.type == _TRACK:
         return event.name
     return _FIXED_NAMES.get(event.type, event.name)
 
@@ -99,17 +107,14 @@ def session_id_for(profile_id: str, start: int) -> str:
 
 def _is_visit(event: event_pb2.Event) -> bool:
     kind = event.type
-    return kind != _E.EVENT_TYPE_CAMPAIGN_INTERACTION and kind != _E.EVENT_TYPE_ACCOUNT_UPDATE
+    return kind != _CAMPAIGN_INTERACTION and kind != _ACCOUNT_UPDATE
 
 
 def _is_seen(event: event_pb2.Event) -> bool:
     kind = event.type
-    if kind == _E.EVENT_TYPE_ACCOUNT_UPDATE:
+    if kind == _ACCOUNT_UPDATE:
         return False
-    return not (
-        kind == _E.EVENT_TYPE_CAMPAIGN_INTERACTION
-        and event.campaign_interaction.action == _RECEIVED
-    )
+    return not (kind == _CAMPAIGN_INTERACTION and event.campaign_interaction.action == _RECEIVED)
 
 
 def _source(context: event_pb2.Context) -> str:
@@ -163,7 +168,7 @@ def _visit(
         state.session = session
         changed = True
     kind = event.type
-    if kind == _E.EVENT_TYPE_PAGE or kind == _E.EVENT_TYPE_SCREEN:
+    if kind in (_PAGE, _SCREEN):
         session.page_view_count += 1
         changed = True
         if not session.landing_page and context.page.path:
@@ -182,7 +187,7 @@ def _visit(
     if not session.channel and context.channel:
         session.channel = context.channel
         changed = True
-    if kind == _E.EVENT_TYPE_CART_UPDATED:
+    if kind == _CART_UPDATED:
         if previous is not None:
             # The fact builder reads the old cart after it is replaced here.
             previous = event_pb2.Cart.FromString(previous.SerializeToString())
@@ -190,7 +195,7 @@ def _visit(
         if not event.cart.HasField("value"):
             session.cart.value = cart_value(event.cart)
         changed = True
-    elif kind == _E.EVENT_TYPE_ORDER_COMPLETED and session.HasField("cart"):
+    elif kind == _ORDER_COMPLETED and session.HasField("cart"):
         session.ClearField("cart")
         changed = True
     if changed:
@@ -281,15 +286,13 @@ def apply_event(
     if _is_seen(event) and _seen(state, moment, touch):
         _update_context(state, event.context, touch)
     kind = event.type
-    if kind == _E.EVENT_TYPE_ORDER_COMPLETED and facts:
+    if kind == _ORDER_COMPLETED and facts:
         revenue = facts[0].properties.get("revenue")
         state.order_count += 1
         if isinstance(revenue, float) and math.isfinite(revenue):
             state.lifetime_value += revenue
         touch.keys.add("lifetime")
-    elif kind == _E.EVENT_TYPE_IDENTIFY and update_traits(
-        state.attributes, event.identify.traits, touch
-    ):
+    elif kind == _IDENTIFY and update_traits(state.attributes, event.identify.traits, touch):
         state.attributes_encoded = None
     if event.account_id and event.account_id != state.account_id:
         state.account_id = event.account_id
@@ -313,7 +316,7 @@ def apply_account_event(account: AccountState, event: event_pb2.Event, touch: To
     """Applies an account update to its account."""
     moment = event_time(event)
     _seen(account, moment, touch)
-    if event.type == _E.EVENT_TYPE_ACCOUNT_UPDATE and update_traits(
+    if event.type == _ACCOUNT_UPDATE and update_traits(
         account.attributes, event.account_update.traits, touch
     ):
         account.attributes_encoded = None

@@ -42,7 +42,7 @@ __all__ = [
     "standing",
 ]
 
-_ACCOUNT_UPDATE = event_pb2.EventType.EVENT_TYPE_ACCOUNT_UPDATE
+_ACCOUNT_UPDATE = int(event_pb2.EVENT_TYPE_ACCOUNT_UPDATE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,24 +64,30 @@ class ChangeType(Enum):
 class AggregateSeries:
     """One aggregate's non-empty buckets for one profile, by bucket start.
 
-    ``encoded`` is a memo for whoever serialises the series (the view encoder): the
-    encoding stays valid until the buckets change, and every change goes through
-    :meth:`put` or :meth:`drop`, which clear it.
+    ``encoded`` and ``pieces`` are memos for whoever serialises the series (the view
+    encoder): the whole series, and each bucket by start. They stay valid until the
+    buckets change, and every change goes through :meth:`put` or :meth:`drop`, which clear
+    what it makes stale.
     """
 
-    __slots__ = ("buckets", "encoded")
+    __slots__ = ("buckets", "encoded", "pieces")
 
     def __init__(self, buckets: dict[int, BucketState] | None = None) -> None:
         self.buckets: dict[int, BucketState] = buckets if buckets is not None else {}
         self.encoded: bytes | None = None
+        self.pieces: dict[int, bytes] | None = None
 
     def put(self, bucket: BucketState) -> None:
         self.buckets[bucket.start] = bucket
         self.encoded = None
+        if self.pieces:
+            self.pieces.pop(bucket.start, None)
 
     def drop(self, start: int) -> None:
         del self.buckets[start]
         self.encoded = None
+        if self.pieces:
+            self.pieces.pop(start, None)
 
     def ordered(self) -> list[BucketState]:
         return [self.buckets[start] for start in sorted(self.buckets)]
@@ -95,6 +101,8 @@ class Touch:
         keys: the changed keys, in the vocabulary of ``ProfileChange.changed_keys``.
         event_ids: the ids of the events applied.
         buckets: ``(aggregate_id, bucket_start)`` of buckets to write.
+        created: those of ``buckets`` that did not exist before (so are inserted, not
+            updated).
         removed: ``(aggregate_id, bucket_start)`` of buckets to delete.
         row: whether the subject's row changed.
     """
@@ -102,6 +110,7 @@ class Touch:
     keys: set[str] = field(default_factory=set)
     event_ids: list[str] = field(default_factory=list)
     buckets: set[tuple[str, int]] = field(default_factory=set)
+    created: set[tuple[str, int]] = field(default_factory=set)
     removed: set[tuple[str, int]] = field(default_factory=set)
     row: bool = False
 

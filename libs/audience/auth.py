@@ -15,7 +15,7 @@ and its scopes. :class:`AuthInterceptor` then, for every RPC:
    sees it.
 
 Errors carry an ``ErrorInfo`` reason (:data:`REASONS`) through :mod:`audience.errors`.
-docs/security.md is the operator's guide; docs/adr/0006-authentication.md says why.
+docs/security.md is the operator's guide; docs/adr/0008-authentication.md says why.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ __all__ = [
     "parse_api_keys",
     "read_dev_key",
     "requested_datasets",
+    "top_level_resource_fields",
 ]
 
 _log = logging.getLogger(__name__)
@@ -643,6 +644,11 @@ class _Plans:
 _PLANS = _Plans(RESOURCE_FIELDS)
 
 
+def top_level_resource_fields(message: Message) -> list[str]:
+    """The names of ``message``'s own fields that hold resource names (``parent``, …)."""
+    return [f.name for f in _PLANS.plan(cast(Descriptor, message.DESCRIPTOR)).names]
+
+
 def requested_datasets(message: Message) -> list[tuple[str, str]]:
     """Returns ``(field path, dataset)`` for every resource name in ``message``.
 
@@ -708,7 +714,10 @@ class _Check:
                 # A stream names its dataset in its first message; nothing else is checkable.
                 raise errors.invalid_argument(
                     "The request names no dataset.",
-                    FieldViolation("parent", "a resource name, datasets/{dataset}/..."),
+                    *(
+                        FieldViolation(name, "required: a resource name, datasets/{dataset}/...")
+                        for name in top_level_resource_fields(request)
+                    ),
                     reason="DATASET_REQUIRED",
                 )
         except AudienceError as error:

@@ -149,6 +149,7 @@ async def test_a_request_with_a_name_outside_any_dataset_or_none_at_all_is_inval
         "INVALID_RESOURCE_NAME",
     )
     assert (missing.code, missing.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_REQUIRED")
+    assert [violation.field for violation in missing.violations] == ["parent"]
     assert seen.requests == []
 
 
@@ -236,6 +237,7 @@ async def test_a_client_stream_is_checked_message_by_message_even_if_the_handler
     assert handled == 2
     assert first.reason == "DATASET_FORBIDDEN"
     assert unnamed.reason == "DATASET_REQUIRED"
+    assert [violation.field for violation in unnamed.violations] == ["segment"]
     assert response.joined_count == 4
     assert unscoped.reason == "SCOPE_MISSING"
 

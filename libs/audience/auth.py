@@ -711,7 +711,7 @@ class _Check:
             if datasets:
                 self._named = True
             elif not self._named:
-                # A stream names its dataset in its first message; nothing else is checkable.
+                # Only a stream's later messages may leave out the dataset its first named.
                 raise errors.invalid_argument(
                     "The request names no dataset.",
                     *(

@@ -141,7 +141,8 @@ class Profile(_message.Message):
     @_builtins.property
     def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The segments the person is in, `datasets/{dataset}/segments/{segment}`, from the
-        segment engine. Filled in the `FULL` view.
+        segment engine. Filled in the `FULL` view; left empty (the read still succeeds) when
+        the segment engine does not answer within the profile service's timeout.
         """
 
     @_builtins.property
@@ -313,7 +314,9 @@ class Account(_message.Message):
 
     @_builtins.property
     def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The segments the account is in, `datasets/{dataset}/segments/{segment}`."""
+        """The segments the account is in, `datasets/{dataset}/segments/{segment}`, from the
+        segment engine; left empty (the read still succeeds) when it does not answer in time.
+        """
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ _log = logging.getLogger(__name__)
 PROFILE_CHANGES = "profile-changes"
 GROUP = "segment_engine"
 _MAX_BACKOFF = 30.0
+_TRANSACTION_CHANGES = 500
 
 
 async def declare_topics(bus: Bus) -> None:
@@ -109,4 +110,7 @@ class ProfileChangeConsumer:
             linked=[delivery.headers for delivery in deliveries[1:]],
             attributes={"messaging.destination.name": PROFILE_CHANGES},
         ):
-            await self._processor.apply_changes(changes)
+            # Bounded transactions: a backlog read at once must not hold thousands of
+            # subjects locked (and their changes unseen) until all of it is evaluated.
+            for start in range(0, len(changes), _TRANSACTION_CHANGES):
+                await self._processor.apply_changes(changes[start : start + _TRANSACTION_CHANGES])

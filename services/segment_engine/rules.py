@@ -31,6 +31,8 @@ class CompiledSegmentRule:
     """A compiled rule, as the domain's ``CompiledRule`` port."""
 
     __slots__ = (
+        "_ages",
+        "_aggregate_ids",
         "_compiled",
         "dependencies",
         "matches",
@@ -47,6 +49,10 @@ class CompiledSegmentRule:
         self.segments: frozenset[str] = compiled.segments
         # Time can change the answer exactly when some condition has a timer.
         self.time_dependent: bool = bool(compiled._timers)
+        # Timers come from windows, which read their aggregate (a window over an aggregate
+        # the view does not hold never moves), and from days-since conditions (key `seen`).
+        self._aggregate_ids = frozenset(spec.aggregate_id for spec in compiled.aggregates)
+        self._ages = "seen" in compiled.dependencies
         self.rollups: tuple[RollupDef, ...] = tuple(
             RollupDef(rollup.key, CompiledSegmentRule(rollup.predicate))
             for rollup in compiled.rollups
@@ -91,6 +97,9 @@ class CompiledSegmentRule:
     def next_change(
         self, view: Any, now: int, segments: Container[str], rollups: Mapping[str, int]
     ) -> int | None:
+        if not self._ages and self._aggregate_ids.isdisjoint(view.aggregates):
+            # Most subjects hold few of the dataset's aggregates: the tree walk is skipped.
+            return None
         return self._compiled.next_change(view, now, segments, rollups)
 
     def explain(

@@ -271,8 +271,9 @@ class Applier:
         changes: list[Published],
     ) -> Callable[[], None]:
         """Finishes a unit whose profiles are changed: raises the sequences, writes the
-        users, rolls them up into their accounts (locked last), writes those, and encodes
-        the changes to publish. Returns what to do once the transaction has committed.
+        users, rolls them up into their accounts (locked last) and writes those. Returns
+        what to do once the transaction has committed: encode the changes to publish into
+        ``changes`` and put the states back in the cache.
 
         Merged-away profiles are deleted here; erased ones must be deleted already.
         """
@@ -329,46 +330,47 @@ class Applier:
             conn, [accounts[k] for k, touch in account_touches.items() if touch.changed()]
         )
 
-        for key, touch in outcome.touches.items():
-            state = states[key]
-            target = outcome.merged.get(key)
-            change_type = ChangeType.UPDATED
-            view: bytes | None = None
-            if target is not None:
-                change_type = ChangeType.MERGED
-            elif key in outcome.erased:
-                change_type = ChangeType.ERASED
-            else:
-                view = profile_view(state)
-            change = encode_change(
-                dataset=key[0],
-                kind=USER,
-                subject_id=key[1],
-                sequence=state.sequence,
-                change_type=change_type,
-                event_ids=touch.event_ids,
-                keys=touch.keys if view is not None else (),
-                view=view,
-                change_time=now,
-                merged_into=target[1] if target is not None else "",
-            )
-            changes.append(Published(subject_key(key[0], USER, key[1]), change))
-        for account_key, account_touch in account_touches.items():
-            account = accounts[account_key]
-            change = encode_change(
-                dataset=account_key[0],
-                kind=ACCOUNT,
-                subject_id=account_key[1],
-                sequence=account.sequence,
-                change_type=ChangeType.UPDATED,
-                event_ids=account_touch.event_ids,
-                keys=account_touch.keys,
-                view=account_view(account),
-                change_time=now,
-            )
-            changes.append(Published(subject_key(account_key[0], ACCOUNT, account_key[1]), change))
-
         def commit() -> None:
+            # Encoding waits for the commit: the row locks are not held for it.
+            for key, touch in outcome.touches.items():
+                state = states[key]
+                target = outcome.merged.get(key)
+                change_type = ChangeType.UPDATED
+                view: bytes | None = None
+                if target is not None:
+                    change_type = ChangeType.MERGED
+                elif key in outcome.erased:
+                    change_type = ChangeType.ERASED
+                else:
+                    view = profile_view(state)
+                change = encode_change(
+                    dataset=key[0],
+                    kind=USER,
+                    subject_id=key[1],
+                    sequence=state.sequence,
+                    change_type=change_type,
+                    event_ids=touch.event_ids,
+                    keys=touch.keys if view is not None else (),
+                    view=view,
+                    change_time=now,
+                    merged_into=target[1] if target is not None else "",
+                )
+                changes.append(Published(subject_key(key[0], USER, key[1]), change))
+            for account_key, account_touch in account_touches.items():
+                account = accounts[account_key]
+                change = encode_change(
+                    dataset=account_key[0],
+                    kind=ACCOUNT,
+                    subject_id=account_key[1],
+                    sequence=account.sequence,
+                    change_type=ChangeType.UPDATED,
+                    event_ids=account_touch.event_ids,
+                    keys=account_touch.keys,
+                    view=account_view(account),
+                    change_time=now,
+                )
+                key_of = subject_key(account_key[0], ACCOUNT, account_key[1])
+                changes.append(Published(key_of, change))
             for key, state in states.items():
                 if outcome.gone(key):
                     self.profiles.discard((key,))

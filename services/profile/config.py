@@ -24,8 +24,10 @@ class ProfileConfig:
             partitions, so one computes while another waits on PostgreSQL.
         read_count: entries read per partition at a time.
         unit_events: the most events applied in one transaction.
-        cache_size: profiles (and accounts) kept in memory between batches; each is checked
-            against its row's sequence under the row lock before use.
+        cache_size: profiles kept in memory between batches (and a quarter as many
+            accounts); each is checked against its row's sequence under the row lock before
+            use. A profile with its buckets takes about 15 KB with a thousand aggregates, so
+            size it to the pod's memory: the default suits the base manifests' 256 MiB.
         claim_idle: how long an entry stays unacknowledged before another consumer takes
             it over; more than the longest time a batch takes to apply.
         segment_engine: where ``MembershipService`` answers, for the segments of a profile.
@@ -67,7 +69,7 @@ class ProfileConfig:
             unit_events=env.integer(
                 "AUDIENCE_PROFILE_UNIT_EVENTS", 4000, minimum=1, maximum=100_000
             ),
-            cache_size=env.integer("AUDIENCE_PROFILE_CACHE_SIZE", 50_000, minimum=0),
+            cache_size=env.integer("AUDIENCE_PROFILE_CACHE_SIZE", 5_000, minimum=0),
             claim_idle=env.duration(
                 "AUDIENCE_PROFILE_CLAIM_IDLE", timedelta(seconds=60), minimum=timedelta(seconds=1)
             ),

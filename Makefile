@@ -20,12 +20,20 @@ $(STAMP): pyproject.toml
 # `npm install`, not `npm ci`: the lock holds the one platform binary (linux-x64) the
 # registry serves here, and `npm ci` refuses a lock without every optional platform.
 NODE_STAMP := k8s/node_modules/.installed
+# The Node.js client test (tests/e2e/test_node_client.py) and the TypeScript generator of
+# protos/buf.gen.yaml, pinned in clients/node/package-lock.json. All plain JavaScript, so
+# `npm ci` takes the lock as it is; none needs an install script.
+CLIENT_NODE_STAMP := clients/node/node_modules/.installed
 
-node-deps: $(NODE_STAMP)
+node-deps: $(NODE_STAMP) $(CLIENT_NODE_STAMP)
 
 $(NODE_STAMP): k8s/package.json k8s/package-lock.json
 	cd k8s && npm install --no-audit --no-fund
 	touch $(NODE_STAMP)
+
+$(CLIENT_NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(CLIENT_NODE_STAMP)
 
 protos: $(STAMP)
 	scripts/protos.sh
@@ -63,4 +71,4 @@ faults: $(STAMP)
 	$(BIN)/pytest tests/faults --faults-long $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache k8s/node_modules
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache k8s/node_modules clients/node/node_modules

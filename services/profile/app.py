@@ -22,6 +22,7 @@ from services.profile.domain.apply import Settings
 from services.profile.grpc import ProfileServicer
 from services.profile.memberships import Memberships
 from services.profile.operations import Operations
+from services.profile.prune import Pruner
 from services.profile.store import ProfileStore, Registry
 
 
@@ -54,6 +55,7 @@ async def build(resources: Resources) -> ServiceUnit:
         page_size=config.backfill_profiles,
         pause=config.backfill_pause.total_seconds(),
     )
+    pruner = Pruner(Registry(resources.postgres), interval=config.prune_interval.total_seconds())
     memberships = Memberships(str(config.segment_engine), config.segment_timeout.total_seconds())
     servicer = ProfileServicer(Operations(applier, publisher, memberships))
 
@@ -66,7 +68,7 @@ async def build(resources: Resources) -> ServiceUnit:
         add_to_server=functools.partial(
             profile_service_pb2_grpc.add_ProfileServiceServicer_to_server, servicer
         ),
-        background=(*(worker.run for worker in consumers), backfiller.run, trim),
+        background=(*(worker.run for worker in consumers), backfiller.run, pruner.run, trim),
         close=memberships.close,
     )
 

@@ -34,6 +34,8 @@ class ProfileConfig:
         segment_timeout: how long a profile read waits for the segment engine.
         backfill_profiles: profiles backfilled per transaction.
         backfill_pause: pause between backfill transactions, so live traffic keeps its share.
+        prune_interval: how often buckets past retention are swept from profiles no event
+            has touched since they expired.
     """
 
     common: CommonConfig
@@ -48,6 +50,7 @@ class ProfileConfig:
     segment_timeout: timedelta
     backfill_profiles: int
     backfill_pause: timedelta
+    prune_interval: timedelta
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProfileConfig:
@@ -84,5 +87,8 @@ class ProfileConfig:
             ),
             backfill_pause=env.duration(
                 "AUDIENCE_PROFILE_BACKFILL_PAUSE", timedelta(milliseconds=20), minimum=timedelta(0)
+            ),
+            prune_interval=env.duration(
+                "AUDIENCE_PROFILE_PRUNE_INTERVAL", timedelta(hours=1), minimum=timedelta(seconds=1)
             ),
         )

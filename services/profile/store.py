@@ -850,6 +850,36 @@ class Registry:
             done,
         )
 
+    async def expiring(self) -> dict[str, list[tuple[str, int]]]:
+        """Per dataset, the aggregates whose buckets expire: ``(aggregate_id, retention)``
+        in microseconds. All-time aggregates (width 0) never expire."""
+        rows = await self.pool.fetch(
+            f"SELECT dataset, aggregate_id, spec FROM {S}.aggregate_specs"
+            " ORDER BY dataset, aggregate_id"
+        )
+        found: dict[str, list[tuple[str, int]]] = {}
+        for row in rows:
+            spec = profile_pb2.AggregateSpec.FromString(row["spec"])
+            retention = _micros(spec.retention)
+            if retention and _micros(spec.bucket_width):
+                found.setdefault(row["dataset"], []).append((row["aggregate_id"], retention))
+        return found
+
+    async def delete_expired(
+        self, dataset: str, expiring: Sequence[tuple[str, int]], now: int
+    ) -> int:
+        """Deletes the dataset's buckets that start before ``now - retention``."""
+        status: str = await self.pool.execute(
+            f"DELETE FROM {S}.aggregate_buckets b"
+            " USING unnest($2::text[], $3::timestamptz[]) AS u(aggregate_id, cutoff)"
+            " WHERE b.dataset = $1 AND b.aggregate_id = u.aggregate_id"
+            " AND b.bucket_start < u.cutoff",
+            dataset,
+            [aggregate for aggregate, _ in expiring],
+            [datetime_from_micros(now - retention) for _, retention in expiring],
+        )
+        return int(status.rpartition(" ")[2])
+
     async def finish(self, conn: asyncpg.Connection, backfill: Backfill) -> None:
         await conn.execute(
             f"UPDATE {S}.aggregate_specs SET state = $3, ready_time = now()"
@@ -861,10 +891,13 @@ class Registry:
         await conn.execute(f"DELETE FROM {S}.backfills WHERE dataset = $1", backfill.dataset)
 
 
+def _micros(duration: duration_pb2.Duration) -> int:
+    return duration.seconds * 1_000_000 + duration.nanos // 1000
+
+
 def _longer(new: duration_pb2.Duration, old: duration_pb2.Duration) -> bool:
     """Whether retention ``new`` keeps more than ``old`` (zero keeps everything)."""
-    new_micros: int = new.seconds * 1_000_000 + new.nanos // 1000
-    old_micros: int = old.seconds * 1_000_000 + old.nanos // 1000
+    new_micros, old_micros = _micros(new), _micros(old)
     if old_micros == 0:
         return False
     return new_micros == 0 or new_micros > old_micros

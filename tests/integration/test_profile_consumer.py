@@ -32,6 +32,7 @@ from services.profile.consumer import (
 from services.profile.domain.apply import Settings
 from services.profile.memberships import Memberships
 from services.profile.operations import Operations
+from services.profile.prune import Pruner
 from services.profile.store import AGGREGATE_READY, ProfileStore, Registry
 from tests.e2e.conftest import new_dataset
 from tests.profile_support import T0, E, batch, changes, count_spec, event
@@ -626,3 +627,32 @@ async def test_buckets_past_retention_are_pruned(rig: Rig) -> None:
     )
     assert [r["bucket_start"] for r in rows] == [now - timedelta(hours=2)]
     assert (await rig.buckets(dataset, "u1")) == {recent: (1, 0.0)}
+
+
+async def test_a_sweep_deletes_expired_buckets_of_silent_profiles(rig: Rig) -> None:
+    dataset = new_dataset()
+    [hourly, forever] = await register(
+        rig,
+        dataset,
+        count_spec("page_view", width=timedelta(hours=1), retention=timedelta(days=1)),
+        count_spec("page_view"),
+    )
+    rig.worker.applier._clock = T0.timestamp
+    await rig.send(
+        dataset,
+        event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0 - timedelta(hours=3)),
+        event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0 - timedelta(minutes=5)),
+    )
+    await rig.run()
+    assert await rig.count("aggregate_buckets", dataset, "aggregate_id = $2", hourly) == 2
+    later = T0 + timedelta(hours=23)
+    assert await Pruner(Registry(rig.pool), interval=1, clock=later.timestamp).sweep() == 1
+    assert await rig.buckets(dataset, "u1") == {hourly: (1, 0.0), forever: (2, 0.0)}
+    # The unit that next touches the profile drops the swept bucket from its cached state.
+    rig.worker.applier._clock = later.timestamp
+    await rig.send(dataset, event(user="u1", kind=E.EVENT_TYPE_PAGE, at=later))
+    await rig.run()
+    assert await rig.buckets(dataset, "u1") == {hourly: (2, 0.0), forever: (3, 0.0)}
+    change = (await rig.published())[-1]
+    counts = {v.aggregate_id: sum(b.count for b in v.buckets) for v in change.view.aggregates}
+    assert counts == {hourly: 2, forever: 3}

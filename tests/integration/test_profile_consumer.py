@@ -646,7 +646,9 @@ async def test_a_sweep_deletes_expired_buckets_of_silent_profiles(rig: Rig) -> N
     await rig.run()
     assert await rig.count("aggregate_buckets", dataset, "aggregate_id = $2", hourly) == 2
     later = T0 + timedelta(hours=23)
-    assert await Pruner(Registry(rig.pool), interval=1, clock=later.timestamp).sweep() == 1
+    # Other tests' datasets share the database: the sweep may delete their buckets too.
+    assert await Pruner(Registry(rig.pool), interval=1, clock=later.timestamp).sweep() >= 1
+    assert await rig.count("aggregate_buckets", dataset, "aggregate_id = $2", hourly) == 1
     assert await rig.buckets(dataset, "u1") == {hourly: (1, 0.0), forever: (2, 0.0)}
     # The unit that next touches the profile drops the swept bucket from its cached state.
     rig.worker.applier._clock = later.timestamp

@@ -150,11 +150,13 @@ class _Unit:
         found = [key for key in wanted if key in rows]
         if not found:
             return []
-        memberships = await state.memberships(self.conn, found)
-        timers = await state.timers(self.conn, found)
-        accounts = [(key[0], key[2]) for key in found if key[1] == Kind.ACCOUNT]
-        counts = await state.rollup_counts(self.conn, accounts)
-        await self.catalogs_of({key[0] for key in found})
+        unknown = {key[0] for key in found} - self.catalogs.keys()
+        stored = await state.read(self.conn, found, unknown)
+        for dataset in sorted(unknown):
+            self.catalogs[dataset] = await self.processor.catalogs.get(
+                dataset, stored.revisions[dataset]
+            )
+        memberships, timers, counts = stored.memberships, stored.timers, stored.counts
         for key in found:
             row = rows[key]
             subject = Subject(

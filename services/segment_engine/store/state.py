@@ -26,6 +26,7 @@ __all__ = [
     "Key",
     "LoggedRange",
     "StateStore",
+    "Stored",
     "SubjectRow",
     "SubjectWrite",
     "WriteBatch",
@@ -45,6 +46,103 @@ _NOTIFY_BUDGET = 7_000
 # Log rows from this many on are copied (binary COPY) rather than inserted.
 _COPY_FROM = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Every row a batch writes but the log's, in one statement: each part is empty when there
+# is nothing of its kind. Data-modifying parts run whether referenced or not; the NOTIFY
+# part is referenced so that it runs. The rows of the subjects, memberships, timers and
+# counts are the locked subjects' own; the day counters are shared and are taken in key
+# order, so writers wait on each other there but never deadlock.
+_WRITE = f"""
+WITH
+subjects_written AS (
+    UPDATE segment_engine.subjects AS s SET
+        sequence = u.sequence, view = u.view, view_time = {from_micros("u.view_time")},
+        account_id = u.account_id, rollups = u.rollups::text[], erased = u.erased
+    FROM unnest($1::text[], $2::smallint[], $3::text[], $4::bigint[], $5::bytea[],
+                $6::bigint[], $7::text[], $8::text[], $9::bool[])
+         AS u(dataset, kind, subject_id, sequence, view, view_time, account_id, rollups,
+              erased)
+    WHERE s.dataset = u.dataset AND s.kind = u.kind AND s.subject_id = u.subject_id
+    RETURNING 1
+),
+memberships_left AS (
+    DELETE FROM segment_engine.memberships AS m
+    USING unnest($10::text[], $11::text[], $12::text[]) AS d(dataset, segment_id, subject_id)
+    WHERE m.dataset = d.dataset AND m.segment_id = d.segment_id
+      AND m.subject_id = d.subject_id
+    RETURNING 1
+),
+memberships_joined AS (
+    INSERT INTO segment_engine.memberships
+        (dataset, segment_id, subject_id, kind, version, join_time)
+    SELECT j.dataset, j.segment_id, j.subject_id, j.kind, j.version,
+           {from_micros("j.join_time")}
+    FROM unnest($13::text[], $14::text[], $15::text[], $16::smallint[], $17::bigint[],
+                $18::bigint[]) AS j(dataset, segment_id, subject_id, kind, version, join_time)
+    ON CONFLICT (dataset, segment_id, subject_id) DO UPDATE
+    SET version = EXCLUDED.version, join_time = EXCLUDED.join_time
+    RETURNING 1
+),
+timers_gone AS (
+    DELETE FROM segment_engine.timers AS t
+    USING unnest($19::text[], $20::smallint[], $21::text[], $22::text[])
+          AS d(dataset, kind, subject_id, target)
+    WHERE t.dataset = d.dataset AND t.kind = d.kind AND t.subject_id = d.subject_id
+      AND t.target = d.target
+    RETURNING 1
+),
+timers_set AS (
+    INSERT INTO segment_engine.timers (dataset, kind, subject_id, target, due)
+    SELECT t.dataset, t.kind, t.subject_id, t.target, {from_micros("t.due")}
+    FROM unnest($23::text[], $24::smallint[], $25::text[], $26::text[], $27::bigint[])
+         AS t(dataset, kind, subject_id, target, due)
+    ON CONFLICT (dataset, kind, subject_id, target) DO UPDATE SET due = EXCLUDED.due
+    RETURNING 1
+),
+counts_moved AS (
+    INSERT INTO segment_engine.rollup_counts AS c (dataset, account_id, rollup_key, count)
+    SELECT * FROM unnest($28::text[], $29::text[], $30::text[], $31::bigint[])
+    ON CONFLICT (dataset, account_id, rollup_key) DO UPDATE SET count = c.count + EXCLUDED.count
+    RETURNING 1
+),
+days_counted AS (
+    INSERT INTO segment_engine.segment_days AS d (dataset, segment_id, day, joins, leaves)
+    SELECT u.dataset, u.segment_id, date '1970-01-01' + u.day, u.joins, u.leaves
+    FROM unnest($32::text[], $33::text[], $34::int[], $35::bigint[], $36::bigint[])
+         AS u(dataset, segment_id, day, joins, leaves)
+    ON CONFLICT (dataset, segment_id, day) DO UPDATE
+    SET joins = d.joins + EXCLUDED.joins, leaves = d.leaves + EXCLUDED.leaves
+    RETURNING 1
+),
+notified AS (
+    SELECT pg_notify(n.channel, n.payload)
+    FROM unnest($37::text[], $38::text[]) AS n(channel, payload)
+)
+SELECT (SELECT count(*) FROM notified)
+"""
+
+# The log head's row lock, held to the commit, orders allocation with commit.
+_HEAD = """
+INSERT INTO segment_engine.log_heads AS h (dataset, last_seq) VALUES ($1, $2)
+ON CONFLICT (dataset) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq
+RETURNING last_seq
+"""
+
+_HEAD_AND_LOG = f"""
+WITH head AS ({_HEAD}),
+logged AS (
+    INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
+                                        segment_version, change, change_time, reason)
+    SELECT $1, head.last_seq - $2 + c.n, c.kind, c.subject_id, c.segment_id,
+           c.segment_version, c.change, {from_micros("c.change_time")}, c.reason
+    FROM head, unnest($3::smallint[], $4::text[], $5::text[], $6::bigint[], $7::smallint[],
+                      $8::bigint[], $9::bytea[])
+               WITH ORDINALITY AS c(kind, subject_id, segment_id, segment_version, change,
+                                    change_time, reason, n)
+    RETURNING 1
+)
+SELECT head.last_seq FROM head WHERE (SELECT count(*) FROM logged) >= 0
+"""
 
 
 @dataclass(slots=True)
@@ -90,6 +188,17 @@ class LoggedRange:
     @property
     def positions(self) -> range:
         return range(self.first, self.last + 1)
+
+
+@dataclass(slots=True)
+class Stored:
+    """What :meth:`StateStore.read` found."""
+
+    memberships: dict[Key, dict[str, Membership]]
+    timers: dict[Key, dict[str, int]]
+    # (dataset, account id) → roll-up key → count.
+    counts: dict[tuple[str, str], dict[str, int]]
+    revisions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -292,67 +401,63 @@ class StateStore:
         )
         return {r[0]: Membership(r[1], r[2]) for r in records}
 
-    async def memberships(
-        self, conn: asyncpg.Connection, keys: Sequence[Key]
-    ) -> dict[Key, dict[str, Membership]]:
-        result: dict[Key, dict[str, Membership]] = {key: {} for key in keys}
-        if not keys:
-            return result
+    async def read(
+        self,
+        conn: asyncpg.Connection,
+        keys: Sequence[Key],
+        datasets: Iterable[str] = (),
+    ) -> Stored:
+        """Reads, in one round trip, the subjects' memberships and timers, the roll-up
+        counts of those that are accounts, and the catalog revisions of ``datasets``. Call
+        it after locking the subjects: it then sees what their last writers committed."""
+        stored = Stored(
+            memberships={key: {} for key in keys},
+            timers={key: {} for key in keys},
+            counts={(key[0], key[2]): {} for key in keys if key[1] == Kind.ACCOUNT},
+        )
+        names = sorted(set(datasets))
+        if not keys and not names:
+            return stored
+        accounts = [key for key in keys if key[1] == Kind.ACCOUNT]
         records = await conn.fetch(
             f"""
-            SELECT m.dataset, m.kind, m.subject_id, m.segment_id, m.version,
-                   {micros("m.join_time")} AS join_time
+            SELECT 0 AS part, m.dataset, m.kind, m.subject_id, m.segment_id AS name,
+                   m.version AS number, {micros("m.join_time")} AS moment
             FROM segment_engine.memberships AS m
             JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
               ON m.dataset = k.dataset AND m.kind = k.kind AND m.subject_id = k.subject_id
-            """,
-            *_columns(keys),
-        )
-        for r in records:
-            result[(r["dataset"], r["kind"], r["subject_id"])][r["segment_id"]] = Membership(
-                r["version"], r["join_time"]
-            )
-        return result
-
-    async def timers(
-        self, conn: asyncpg.Connection, keys: Sequence[Key]
-    ) -> dict[Key, dict[str, int]]:
-        result: dict[Key, dict[str, int]] = {key: {} for key in keys}
-        if not keys:
-            return result
-        records = await conn.fetch(
-            f"""
-            SELECT t.dataset, t.kind, t.subject_id, t.target, {micros("t.due")} AS due
+            UNION ALL
+            SELECT 1, t.dataset, t.kind, t.subject_id, t.target, NULL, {micros("t.due")}
             FROM segment_engine.timers AS t
             JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
               ON t.dataset = k.dataset AND t.kind = k.kind AND t.subject_id = k.subject_id
+            UNION ALL
+            SELECT 2, c.dataset, NULL, c.account_id, c.rollup_key, c.count, NULL
+            FROM segment_engine.rollup_counts AS c
+            JOIN unnest($4::text[], $5::text[]) AS a(dataset, account_id)
+              ON c.dataset = a.dataset AND c.account_id = a.account_id
+            UNION ALL
+            SELECT 3, c.dataset, NULL, NULL, NULL, c.revision, NULL
+            FROM segment_engine.catalogs AS c WHERE c.dataset = ANY($6::text[])
             """,
             *_columns(keys),
+            [key[0] for key in accounts],
+            [key[2] for key in accounts],
+            names,
         )
+        revisions = dict.fromkeys(names, 0)
         for r in records:
-            result[(r["dataset"], r["kind"], r["subject_id"])][r["target"]] = r["due"]
-        return result
-
-    async def rollup_counts(
-        self, conn: asyncpg.Connection, accounts: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], dict[str, int]]:
-        """Roll-up counts per (dataset, account id)."""
-        result: dict[tuple[str, str], dict[str, int]] = {account: {} for account in accounts}
-        if not accounts:
-            return result
-        records = await conn.fetch(
-            """
-            SELECT c.dataset, c.account_id, c.rollup_key, c.count
-            FROM segment_engine.rollup_counts AS c
-            JOIN unnest($1::text[], $2::text[]) AS k(dataset, account_id)
-              ON c.dataset = k.dataset AND c.account_id = k.account_id
-            """,
-            [dataset for dataset, _ in accounts],
-            [account for _, account in accounts],
-        )
-        for r in records:
-            result[(r["dataset"], r["account_id"])][r["rollup_key"]] = r["count"]
-        return result
+            part = r[0]
+            if part == 0:
+                stored.memberships[(r[1], r[2], r[3])][r[4]] = Membership(r[5], r[6])
+            elif part == 1:
+                stored.timers[(r[1], r[2], r[3])][r[4]] = r[6]
+            elif part == 2:
+                stored.counts[(r[1], r[3])][r[4]] = r[5]
+            else:
+                revisions[r[1]] = r[5]
+        stored.revisions.update(revisions)
+        return stored
 
     async def catalog_revisions(
         self, conn: asyncpg.Connection, datasets: Iterable[str]
@@ -367,60 +472,15 @@ class StateStore:
 
     async def write(self, conn: asyncpg.Connection, batch: WriteBatch) -> list[LoggedRange]:
         """Writes a batch in the caller's transaction; returns the log positions its
-        changes took. The subjects must be locked by this transaction."""
-        if batch.subjects:
-            writes = sorted(batch.subjects, key=lambda w: w.key)
-            datasets, kinds, ids = _columns(w.key for w in writes)
-            await conn.execute(
-                f"""
-                UPDATE segment_engine.subjects AS s SET
-                    sequence = u.sequence, view = u.view,
-                    view_time = {from_micros("u.view_time")},
-                    account_id = u.account_id, rollups = u.rollups::text[], erased = u.erased
-                FROM unnest($1::text[], $2::smallint[], $3::text[], $4::bigint[], $5::bytea[],
-                            $6::bigint[], $7::text[], $8::text[], $9::bool[])
-                     AS u(dataset, kind, subject_id, sequence, view, view_time, account_id,
-                          rollups, erased)
-                WHERE s.dataset = u.dataset AND s.kind = u.kind AND s.subject_id = u.subject_id
-                """,
-                datasets,
-                kinds,
-                ids,
-                [w.sequence for w in writes],
-                [w.view for w in writes],
-                [w.view_time for w in writes],
-                [w.account_id for w in writes],
-                # A text[] per row does not fit a 2-D array of uneven rows: sent as literals.
-                [_text_array(w.rollups) for w in writes],
-                [w.erased for w in writes],
-            )
-        if batch.leaves:
-            await conn.execute(
-                """
-                DELETE FROM segment_engine.memberships AS m
-                USING unnest($1::text[], $2::text[], $3::text[]) AS d(dataset, segment_id,
-                                                                      subject_id)
-                WHERE m.dataset = d.dataset AND m.segment_id = d.segment_id
-                  AND m.subject_id = d.subject_id
-                """,
-                *map(list, zip(*batch.leaves, strict=True)),
-            )
-        if batch.joins:
-            await conn.execute(
-                f"""
-                INSERT INTO segment_engine.memberships (dataset, segment_id, subject_id, kind,
-                                                        version,
-                                         join_time)
-                SELECT j.dataset, j.segment_id, j.subject_id, j.kind, j.version,
-                       {from_micros("j.join_time")}
-                FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::bigint[],
-                            $6::bigint[]) AS j(dataset, segment_id, subject_id, kind, version,
-                                               join_time)
-                ON CONFLICT (dataset, segment_id, subject_id) DO UPDATE
-                SET version = EXCLUDED.version, join_time = EXCLUDED.join_time
-                """,
-                *map(list, zip(*batch.joins, strict=True)),
-            )
+        changes took. The subjects must be locked by this transaction.
+
+        Two statements (three with a bulk copy): every row but the log's, with the commit
+        notifications, in one; the log head and the log rows in the other, last, so the
+        head's lock is held only from there to the commit.
+        """
+        by_dataset: defaultdict[str, list[tuple[Change, bytes]]] = defaultdict(list)
+        for dataset, change, reason in batch.changes:
+            by_dataset[dataset].append((change, reason))
         if batch.fresh_joins:
             await conn.copy_records_to_table(
                 "memberships",
@@ -433,159 +493,124 @@ class StateStore:
                     )
                 ],
             )
-        if batch.timers_deleted:
-            await conn.execute(
-                """
-                DELETE FROM segment_engine.timers AS t
-                USING unnest($1::text[], $2::smallint[], $3::text[], $4::text[])
-                      AS d(dataset, kind, subject_id, target)
-                WHERE t.dataset = d.dataset AND t.kind = d.kind
-                  AND t.subject_id = d.subject_id AND t.target = d.target
-                """,
-                *map(list, zip(*batch.timers_deleted, strict=True)),
-            )
-        if batch.timers_set:
-            await conn.execute(
-                f"""
-                INSERT INTO segment_engine.timers (dataset, kind, subject_id, target, due)
-                SELECT t.dataset, t.kind, t.subject_id, t.target, {from_micros("t.due")}
-                FROM unnest($1::text[], $2::smallint[], $3::text[], $4::text[], $5::bigint[])
-                     AS t(dataset, kind, subject_id, target, due)
-                ON CONFLICT (dataset, kind, subject_id, target) DO UPDATE SET due = EXCLUDED.due
-                """,
-                *map(list, zip(*batch.timers_set, strict=True)),
-            )
-        if batch.rollup_deltas:
-            items = sorted(batch.rollup_deltas.items())
-            await conn.execute(
-                """
-                INSERT INTO segment_engine.rollup_counts AS c
-                    (dataset, account_id, rollup_key, count)
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-                ON CONFLICT (dataset, account_id, rollup_key) DO UPDATE
-                SET count = c.count + EXCLUDED.count
-                """,
-                [slot[0] for slot, _ in items],
-                [slot[1] for slot, _ in items],
-                [slot[2] for slot, _ in items],
-                [delta for _, delta in items],
-            )
-        if not batch.changes:
-            return []
-        await self._count_days(conn, batch.changes)
-        return await self._log(conn, batch.changes)
-
-    async def _count_days(
-        self, conn: asyncpg.Connection, changes: Sequence[tuple[str, Change, bytes]]
-    ) -> None:
-        counters: defaultdict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0])
-        for dataset, change, _ in changes:
-            slot = counters[(dataset, change.segment_id, change.time // _DAY)]
-            slot[0 if change.change is ChangeKind.JOIN else 1] += 1
-        items = sorted(counters.items())
-        await conn.execute(
-            """
-            INSERT INTO segment_engine.segment_days AS d (dataset, segment_id, day, joins, leaves)
-            SELECT u.dataset, u.segment_id, date '1970-01-01' + u.day, u.joins, u.leaves
-            FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::bigint[])
-                 AS u(dataset, segment_id, day, joins, leaves)
-            ON CONFLICT (dataset, segment_id, day) DO UPDATE
-            SET joins = d.joins + EXCLUDED.joins, leaves = d.leaves + EXCLUDED.leaves
-            """,
-            [slot[0] for slot, _ in items],
-            [slot[1] for slot, _ in items],
-            [slot[2] for slot, _ in items],
-            [counts[0] for _, counts in items],
-            [counts[1] for _, counts in items],
-        )
-
-    async def _log(
-        self, conn: asyncpg.Connection, changes: Sequence[tuple[str, Change, bytes]]
-    ) -> list[LoggedRange]:
-        by_dataset: defaultdict[str, list[tuple[Change, bytes]]] = defaultdict(list)
-        for dataset, change, reason in changes:
-            by_dataset[dataset].append((change, reason))
+        if (
+            batch.subjects
+            or batch.leaves
+            or batch.joins
+            or batch.timers_deleted
+            or batch.timers_set
+            or batch.rollup_deltas
+            or by_dataset
+        ):
+            await conn.execute(_WRITE, *self._write_arguments(batch, by_dataset))
         logged: list[LoggedRange] = []
         for dataset in sorted(by_dataset):
             entries = by_dataset[dataset]
-            # The head's row lock, held to the commit, orders allocation with commit.
-            last = await conn.fetchval(
-                """
-                INSERT INTO segment_engine.log_heads AS h (dataset, last_seq) VALUES ($1, $2)
-                ON CONFLICT (dataset) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq
-                RETURNING last_seq
-                """,
-                dataset,
-                len(entries),
-            )
-            first = last - len(entries) + 1
             if len(entries) >= _COPY_FROM:
-                await conn.copy_records_to_table(
-                    "changes",
-                    schema_name="segment_engine",
-                    columns=[
-                        "dataset",
-                        "seq",
-                        "kind",
-                        "subject_id",
-                        "segment_id",
-                        "segment_version",
-                        "change",
-                        "change_time",
-                        "reason",
-                    ],
-                    records=[
-                        (
-                            dataset,
-                            first + index,
-                            int(c.kind),
-                            c.subject_id,
-                            c.segment_id,
-                            c.segment_version,
-                            int(c.change),
-                            _moment(c.time),
-                            reason,
-                        )
-                        for index, (c, reason) in enumerate(entries)
-                    ],
-                )
+                last = await conn.fetchval(_HEAD, dataset, len(entries))
+                await self._copy_log(conn, dataset, last - len(entries) + 1, entries)
             else:
-                await self._insert_log(conn, dataset, first, entries)
-            await conn.execute(
-                "SELECT pg_notify($1, $2)",
-                NOTIFY_CHANNEL,
-                notify_payload(self.origin, dataset, ((c.kind, c.subject_id) for c, _ in entries)),
-            )
-            logged.append(LoggedRange(dataset, first, last))
+                last = await conn.fetchval(
+                    _HEAD_AND_LOG,
+                    dataset,
+                    len(entries),
+                    [int(c.kind) for c, _ in entries],
+                    [c.subject_id for c, _ in entries],
+                    [c.segment_id for c, _ in entries],
+                    [c.segment_version for c, _ in entries],
+                    [int(c.change) for c, _ in entries],
+                    [c.time for c, _ in entries],
+                    [reason for _, reason in entries],
+                )
+            logged.append(LoggedRange(dataset, last - len(entries) + 1, last))
         return logged
 
-    async def _insert_log(
+    def _write_arguments(
+        self, batch: WriteBatch, by_dataset: Mapping[str, Sequence[tuple[Change, bytes]]]
+    ) -> list[object]:
+        writes = sorted(batch.subjects, key=lambda w: w.key)
+        counters: defaultdict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0])
+        for dataset, change, _ in batch.changes:
+            slot = counters[(dataset, change.segment_id, change.time // _DAY)]
+            slot[0 if change.change is ChangeKind.JOIN else 1] += 1
+        days = sorted(counters.items())
+        rollups = sorted(batch.rollup_deltas.items())
+        notes = [
+            notify_payload(self.origin, dataset, ((c.kind, c.subject_id) for c, _ in entries))
+            for dataset, entries in sorted(by_dataset.items())
+        ]
+
+        def columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
+            return (
+                [list(column) for column in zip(*rows, strict=True)]
+                if rows
+                else [[] for _ in range(width)]
+            )
+
+        datasets, kinds, ids = _columns(w.key for w in writes)
+        return [
+            datasets,
+            kinds,
+            ids,
+            [w.sequence for w in writes],
+            [w.view for w in writes],
+            [w.view_time for w in writes],
+            [w.account_id for w in writes],
+            # A text[] per row does not fit a 2-D array of uneven rows: sent as literals.
+            [_text_array(w.rollups) for w in writes],
+            [w.erased for w in writes],
+            *columns(batch.leaves, 3),
+            *columns(batch.joins, 6),
+            *columns(batch.timers_deleted, 4),
+            *columns(batch.timers_set, 5),
+            [slot[0] for slot, _ in rollups],
+            [slot[1] for slot, _ in rollups],
+            [slot[2] for slot, _ in rollups],
+            [delta for _, delta in rollups],
+            [slot[0] for slot, _ in days],
+            [slot[1] for slot, _ in days],
+            [slot[2] for slot, _ in days],
+            [counts[0] for _, counts in days],
+            [counts[1] for _, counts in days],
+            [NOTIFY_CHANNEL] * len(notes),
+            notes,
+        ]
+
+    async def _copy_log(
         self,
         conn: asyncpg.Connection,
         dataset: str,
         first: int,
         entries: Sequence[tuple[Change, bytes]],
     ) -> None:
-        await conn.execute(
-            f"""
-            INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
-                                                segment_version, change, change_time, reason)
-            SELECT $1, c.seq, c.kind, c.subject_id, c.segment_id, c.segment_version,
-                   c.change, {from_micros("c.change_time")}, c.reason
-            FROM unnest($2::bigint[], $3::smallint[], $4::text[], $5::text[], $6::bigint[],
-                        $7::smallint[], $8::bigint[], $9::bytea[])
-                 AS c(seq, kind, subject_id, segment_id, segment_version, change,
-                      change_time, reason)
-            """,
-            dataset,
-            list(range(first, first + len(entries))),
-            [int(c.kind) for c, _ in entries],
-            [c.subject_id for c, _ in entries],
-            [c.segment_id for c, _ in entries],
-            [c.segment_version for c, _ in entries],
-            [int(c.change) for c, _ in entries],
-            [c.time for c, _ in entries],
-            [reason for _, reason in entries],
+        await conn.copy_records_to_table(
+            "changes",
+            schema_name="segment_engine",
+            columns=[
+                "dataset",
+                "seq",
+                "kind",
+                "subject_id",
+                "segment_id",
+                "segment_version",
+                "change",
+                "change_time",
+                "reason",
+            ],
+            records=[
+                (
+                    dataset,
+                    first + index,
+                    int(c.kind),
+                    c.subject_id,
+                    c.segment_id,
+                    c.segment_version,
+                    int(c.change),
+                    _moment(c.time),
+                    reason,
+                )
+                for index, (c, reason) in enumerate(entries)
+            ],
         )
 
 

@@ -1,6 +1,6 @@
 """Benchmark: events applied per second by the profile service, from the bus to PostgreSQL.
 
-    python -m bench.profile [--events 200000] [--visitors 20000] [--aggregates 1000]
+    python -m bench.profile [--events 200000] [--visitors 20000] [--aggregates 1000] [--quick]
 
 The profile service runs as its own process (``python -m services.profile``), as deployed.
 Before it starts, the dataset gets ``--aggregates`` registered aggregates (a mix like the
@@ -18,6 +18,10 @@ account.
 The service runs with its defaults but a cache for 50,000 profiles (``--env NAME=VALUE``
 overrides any setting). The figure is events over the time from the service's first
 acknowledgement to an empty backlog; the run checks that the history holds every event.
+Over the same span it reports the CPU time per event of the service's process, of the
+PostgreSQL backends serving the scratch database and of Redis (steadier than the rate on a
+shared machine). With ``--profile FILE``, py-spy samples the service into ``FILE`` (raw
+stacks, for ``py-spy``'s flame graph tools or a grep).
 PostgreSQL and Redis are ``AUDIENCE_POSTGRES_DSN`` / ``AUDIENCE_REDIS_URL`` (a superuser
 DSN: a scratch database is made and dropped), or embedded servers when unset. The last
 line printed is JSON with ``events_per_s``. Goal: ≥ 25,000 events/s.
@@ -28,7 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -332,6 +339,60 @@ async def _register(dsn: str, count: int) -> None:
         await pool.close()
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process on this machine; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+class CpuMeter:
+    """CPU seconds of the service, of the database's backends and of Redis, since a mark."""
+
+    def __init__(self, service_pid: int, monitor: asyncpg.Connection, redis: Redis) -> None:
+        self.service_pid = service_pid
+        self.monitor = monitor
+        self.redis = redis
+        self._start: dict[str, float] = {}
+        self._backends: dict[int, float] = {}
+
+    async def _backend_pids(self) -> list[int]:
+        rows = await self.monitor.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        return [row["pid"] for row in rows]
+
+    async def _redis(self) -> float:
+        info: Any = await self.redis.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    async def mark(self) -> None:
+        self._backends = {pid: _cpu_seconds(pid) for pid in await self._backend_pids()}
+        self._start = {"service": _cpu_seconds(self.service_pid), "redis": await self._redis()}
+
+    async def spent(self) -> dict[str, float]:
+        # Backends opened after the mark count from zero; one closed meanwhile is lost.
+        postgres = sum(
+            _cpu_seconds(pid) - self._backends.get(pid, 0.0) for pid in await self._backend_pids()
+        )
+        return {
+            "service": _cpu_seconds(self.service_pid) - self._start["service"],
+            "postgres": postgres,
+            "redis": await self._redis() - self._start["redis"],
+        }
+
+
+def _py_spy() -> str:
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
+
+
 async def _history(dsn: str) -> dict[str, int]:
     connection = await asyncpg.connect(dsn)
     try:
@@ -376,8 +437,26 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                     **dict(item.split("=", 1) for item in options.env),
                 }
                 total = await bus.backlog(EVENTS, GROUP)
+                monitor = await asyncpg.connect(dsn)
+                profiler: asyncio.subprocess.Process | None = None
                 async with service(["-m", "services.profile"], environ, directory, "profile") as p:
+                    meter = CpuMeter(p.pid, monitor, redis)
                     await wait_serving(address, "profile", p)
+                    if options.profile:
+                        profiler = await asyncio.create_subprocess_exec(
+                            _py_spy(),
+                            "record",
+                            "--pid",
+                            str(p.pid),
+                            "--format",
+                            "raw",
+                            "--rate",
+                            "100",
+                            "--output",
+                            str(options.profile),
+                            stdout=asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.DEVNULL,
+                        )
                     first: float | None = None
                     last_report = time.perf_counter()
                     while True:
@@ -385,6 +464,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                         now = time.perf_counter()
                         if first is None and backlog < total:
                             first, done_at_first = now, total - backlog
+                            await meter.mark()
                         if backlog == 0:
                             break
                         if now - last_report > 5:
@@ -394,6 +474,11 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                             raise RuntimeError("the profile service exited; see its log")
                         await asyncio.sleep(0.02)
                     finished = time.perf_counter()
+                    cpu = await meter.spent()
+                    if profiler is not None:
+                        profiler.send_signal(2)
+                        await asyncio.wait_for(profiler.wait(), 60)
+                await monitor.close()
                 for line in (directory / "profile.log").read_text().splitlines()[-10:]:
                     log(line)
             finally:
@@ -409,6 +494,11 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
         "events_per_s": round(timed_events / seconds),
         "events": len(events),
         "seconds": round(seconds, 2),
+        **{
+            f"{name}_cpu_us_per_event": round(1e6 * spent / timed_events, 1)
+            for name, spent in cpu.items()
+        },
+        **{f"{name}_cpu_cores": round(spent / seconds, 2) for name, spent in cpu.items()},
         "entries": total,
         "aggregates": options.aggregates,
         **{f"{name}_rows": value for name, value in counts.items()},
@@ -425,7 +515,11 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)."
     )
+    parser.add_argument("--profile", type=Path, help="py-spy the service into this file")
+    parser.add_argument("--quick", action="store_true", help="20,000 events of 2,000 visits")
     options = parser.parse_args()
+    if options.quick:
+        options.events, options.visitors = 20_000, 2_000
     print(json.dumps(asyncio.run(_run(options))))
 
 

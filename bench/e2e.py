@@ -121,33 +121,45 @@ def _now_stamp() -> Any:
     return rules.timestamp_from_micros(time.time_ns() // 1000)
 
 
-def random_event(rng: random.Random, users: int, accounts: int) -> event_pb2.Event:
-    """A track event (half), an identify setting one attribute, or an item added to the
-    cart (a quarter each)."""
-    user = rng.randrange(users)
-    stamp = _now_stamp()
-    event = event_pb2.Event(
-        event_id=uuid.uuid4().hex, user_id=f"u{user:06d}", timestamp=stamp, sent_at=stamp
-    )
-    event.context.session_id = f"s{user}"
-    kind = rng.random()
-    if kind < 0.5:
-        event.type = event_pb2.EVENT_TYPE_TRACK
-        event.name = f"e{rng.randrange(EVENT_NAMES)}"
-    elif kind < 0.75:
-        event.type = event_pb2.EVENT_TYPE_IDENTIFY
-        event.identify.traits[f"a{rng.randrange(ATTRIBUTES)}"].CopyFrom(
-            common_pb2.Value(string_value=f"v{rng.randrange(VALUES)}")
+class EventMaker:
+    """Events of a storefront: track events (half), an identify setting one attribute, or a
+    cart update (a quarter each). A cart grows an item at a time and starts again after
+    eight, as carts do, so its value crosses few thresholds per update."""
+
+    def __init__(self, seed: int, users: int, accounts: int) -> None:
+        self._rng = random.Random(seed)
+        self._users = users
+        self._accounts = accounts
+        self._carts: dict[int, list[float]] = {}
+
+    def __call__(self) -> event_pb2.Event:
+        rng = self._rng
+        user = rng.randrange(self._users)
+        stamp = _now_stamp()
+        event = event_pb2.Event(
+            event_id=uuid.uuid4().hex, user_id=f"u{user:06d}", timestamp=stamp, sent_at=stamp
         )
-        event.account_id = f"a{user % accounts:05d}"
-    else:
-        event.type = event_pb2.EVENT_TYPE_CART_UPDATED
-        event.cart.currency = "USD"
-        for n in range(rng.randint(1, 6)):
-            event.cart.items.add(
-                product_id=f"sku-{n}", price=float(rng.randrange(5, 80)), quantity=1
+        event.context.session_id = f"s{user}"
+        kind = rng.random()
+        if kind < 0.5:
+            event.type = event_pb2.EVENT_TYPE_TRACK
+            event.name = f"e{rng.randrange(EVENT_NAMES)}"
+        elif kind < 0.75:
+            event.type = event_pb2.EVENT_TYPE_IDENTIFY
+            event.identify.traits[f"a{rng.randrange(ATTRIBUTES)}"].CopyFrom(
+                common_pb2.Value(string_value=f"v{rng.randrange(VALUES)}")
             )
-    return event
+            event.account_id = f"a{user % self._accounts:05d}"
+        else:
+            cart = self._carts.setdefault(user, [])
+            if len(cart) == 8:
+                cart.clear()
+            cart.append(float(rng.randrange(5, 80)))
+            event.type = event_pb2.EVENT_TYPE_CART_UPDATED
+            event.cart.currency = "USD"
+            for n, price in enumerate(cart):
+                event.cart.items.add(product_id=f"sku-{n}", price=price, quantity=1)
+        return event
 
 
 @dataclass
@@ -268,7 +280,7 @@ async def _paced(
     users: int,
     accounts: int,
 ) -> int:
-    rng = random.Random(5)
+    make = EventMaker(5, users, accounts)
     interval = _BATCH / rate
     started = time.monotonic()
     sent = 0
@@ -280,7 +292,7 @@ async def _paced(
             watcher.acked[event.event_id] = acked
 
     while time.monotonic() - started < seconds:
-        events = [random_event(rng, users, accounts) for _ in range(_BATCH)]
+        events = [make() for _ in range(_BATCH)]
         task = asyncio.create_task(one(events))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
@@ -294,10 +306,8 @@ async def _paced(
 async def _flood(
     stub: ingest_service_pb2_grpc.IngestServiceStub, events: int, users: int, accounts: int
 ) -> None:
-    rng = random.Random(9)
-    batches = [
-        [random_event(rng, users, accounts) for _ in range(500)] for _ in range(events // 500)
-    ]
+    make = EventMaker(9, users, accounts)
+    batches = [[make() for _ in range(500)] for _ in range(events // 500)]
     queue = iter(batches)
 
     async def worker() -> None:

@@ -386,3 +386,17 @@ def test_referrers_name_segments_and_rollups() -> None:
         "follower",
         "rollup k",
     ]
+
+
+def test_a_merged_away_profile_leaves_with_cause_merge() -> None:
+    cat = catalog([segment("pro", attribute_rule("plan", lambda value: value == "pro"))])
+    subject = _subject({"plan": "pro"}, memberships={"pro": Membership(1, 1)})
+
+    outcome = erase(cat, subject, now=NOW, cause=Cause.MERGE)
+
+    (leave,) = outcome.changes
+    assert (leave.segment_id, leave.change, leave.reason.cause) == (
+        "pro",
+        ChangeKind.LEAVE,
+        Cause.MERGE,
+    )

@@ -400,7 +400,8 @@ async def _history(dsn: str) -> dict[str, int]:
             "SELECT (SELECT count(*) FROM profile.events) AS events,"
             " (SELECT count(*) FROM profile.profiles WHERE kind = 'user') AS profiles,"
             " (SELECT count(*) FROM profile.profiles WHERE kind = 'account') AS accounts,"
-            " (SELECT count(*) FROM profile.aggregate_buckets) AS buckets,"
+            " (SELECT coalesce(sum(jsonb_array_length(a.value)), 0)::int8"
+            " FROM profile.profiles p, jsonb_each(p.aggregates) AS a) AS buckets,"
             " (SELECT count(*) FROM profile.merges) AS merges"
         )
         assert row is not None

@@ -66,21 +66,20 @@ async def _seed(pool: Any, profiles: int, others: int, now: int) -> None:
         profiles,
     )
     # Three hourly buckets per aggregate, the newest in the current hour: `a` numbers the
-    # aggregate, `j` the bucket.
+    # aggregate, `j` the bucket; each bucket as `audience.rules.aggregates_json` writes it.
     await pool.execute(
-        "INSERT INTO profile.aggregate_buckets (dataset, kind, profile_id, aggregate_id,"
-        " bucket_start, count, sum, min, max, first_time, last_time)"
-        " SELECT $1, 'user', 'p' || lpad(n::text, 7, '0'),"
-        " CASE a WHEN 0 THEN $3 WHEN 1 THEN $4 WHEN 2 THEN $5"
-        " ELSE 'agg_other_' || lpad(((n + a) % 1000)::text, 14, '0') END,"
-        " to_timestamp((($6::int8 - j * $7::int8) - ($6::int8 - j * $7::int8) % $7::int8)"
-        " / 1000000.0),"
-        " 1 + (n / 2 + j * j) % 3, CASE a WHEN 2 THEN 1.25 * (1 + (n / 2 + j * j) % 3) ELSE 0 END,"
-        " CASE a WHEN 2 THEN 1.25 END, CASE a WHEN 2 THEN 1.25 END,"
-        " to_timestamp(($6::int8 - j * $7::int8) / 1000000.0),"
-        " to_timestamp(($6::int8 - j * $7::int8) / 1000000.0)"
-        " FROM generate_series(0, $2 - 1) AS n, generate_series(0, $8 + 2) AS a,"
-        " generate_series(0, 2) AS j WHERE n % 2 = 0",
+        "UPDATE profile.profiles AS p SET aggregates = d.document FROM ("
+        " SELECT n, jsonb_object_agg(CASE a WHEN 0 THEN $3 WHEN 1 THEN $4 WHEN 2 THEN $5"
+        "  ELSE 'agg_other_' || lpad(((n + a) % 1000)::text, 14, '0') END,"
+        "  (SELECT jsonb_agg(jsonb_build_array(s - s % $7::int8, c,"
+        "    CASE a WHEN 2 THEN 1.25 * c ELSE 0.0 END, CASE a WHEN 2 THEN 1.25 END,"
+        "    CASE a WHEN 2 THEN 1.25 END, s, s) ORDER BY s)"
+        "   FROM (SELECT $6::int8 - j * $7::int8 AS s, 1 + (n / 2 + j * j) % 3 AS c"
+        "         FROM generate_series(0, 2) AS j) AS b)) AS document"
+        " FROM generate_series(0, $2 - 1, 2) AS n, generate_series(0, $8 + 2) AS a"
+        " GROUP BY n) AS d"
+        " WHERE p.dataset = $1 AND p.kind = 'user'"
+        " AND p.profile_id = 'p' || lpad(d.n::text, 7, '0')",
         DATASET,
         profiles,
         page_views,
@@ -91,7 +90,6 @@ async def _seed(pool: Any, profiles: int, others: int, now: int) -> None:
         others,
     )
     await pool.execute("VACUUM ANALYZE profile.profiles")
-    await pool.execute("VACUUM ANALYZE profile.aggregate_buckets")
 
 
 async def _time(query: ProfileQuery, text: str, now: int, count_only: bool) -> tuple[int, float]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from audience.rules.aggregates import BucketState
 from audience.rules.values import datetime_from_micros
 from audience.v1 import event_pb2
 from services.profile.cache import StateCache
@@ -290,32 +289,10 @@ class Applier:
             ],
         )
         kept = [key for key in outcome.touches if not outcome.gone(key)]
+        # A profile's row carries its aggregates: one statement writes every change.
         await store.write_profiles(
             conn, [states[key] for key in kept if outcome.touches[key].changed()]
         )
-        await store.delete_buckets(
-            conn,
-            [
-                (key[0], key[1], aggregate_id, start)
-                for key in kept
-                for aggregate_id, start in outcome.touches[key].removed
-            ],
-        )
-        inserted: list[tuple[str, str, str, BucketState]] = []
-        updated: list[tuple[str, str, str, BucketState]] = []
-        for key in kept:
-            touch = outcome.touches[key]
-            aggregates = states[key].aggregates
-            for aggregate_id, start in sorted(touch.buckets):
-                row = (key[0], key[1], aggregate_id, aggregates[aggregate_id].buckets[start])
-                (inserted if (aggregate_id, start) in touch.created else updated).append(row)
-        # The states were taken out of the cache, so a second attempt reads their rows.
-        try:
-            await store.insert_buckets(conn, inserted)
-        except asyncpg.UniqueViolationError as error:
-            raise RetryError("a bucket believed new existed; reading the profiles again") from error
-        if await store.update_buckets(conn, updated) != len(updated):
-            raise RetryError("a bucket believed to exist was gone; reading the profiles again")
 
         # Accounts last: many units share an account, so its row lock is held only for the
         # unit's final statements (still after the users' locks, the one order of all units).

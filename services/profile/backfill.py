@@ -25,10 +25,10 @@ from audience.v1 import event_pb2
 from services.profile.applier import Published, subject_key
 from services.profile.codec import USER, encode_change, profile_view
 from services.profile.consumer import Publisher, is_infrastructure
-from services.profile.domain.aggregates import AggregateIndex
+from services.profile.domain.aggregates import AggregateIndex, earliest_expiry
 from services.profile.domain.apply import Settings
 from services.profile.domain.backfill import needs_visits, recompute
-from services.profile.domain.model import ChangeType, Touch
+from services.profile.domain.model import ChangeType
 from services.profile.store import ProfileStore, Registry
 
 __all__ = ["Backfiller"]
@@ -100,8 +100,6 @@ class Backfiller:
             history = await self.registry.history(conn, dataset, ids, names)
             states = await self.store.load_profiles(conn, [(dataset, pid) for pid in ids])
             changed = []
-            removed: list[tuple[str, str, str, int]] = []
-            written = []
             for profile_id in ids:
                 state = states[(dataset, profile_id)]
                 fresh = recompute(
@@ -111,7 +109,7 @@ class Backfiller:
                     self.settings,
                     now,
                 )
-                touch = Touch()
+                moved = False
                 for aggregate_id in index.matchers:
                     old = state.aggregates.get(aggregate_id)
                     new = fresh.get(aggregate_id)
@@ -119,23 +117,18 @@ class Backfiller:
                     after = new.buckets if new is not None else {}
                     if before == after:
                         continue
-                    for start in before.keys() - after.keys():
-                        touch.removed.add((aggregate_id, start))
-                        removed.append((dataset, profile_id, aggregate_id, start))
-                    for start, bucket in after.items():
-                        if before.get(start) != bucket:
-                            written.append((dataset, profile_id, aggregate_id, bucket))
-                            touch.buckets.add((aggregate_id, start))
+                    moved = True
                     if new is not None and new.buckets:
                         state.aggregates[aggregate_id] = new
                     else:
                         state.aggregates.pop(aggregate_id, None)
-                if touch.buckets or touch.removed:
+                if moved:
+                    expire = earliest_expiry(fresh, index)
+                    if expire is not None:
+                        state.expires_by(expire)
                     state.sequence += 1
                     changed.append(state)
             await self.store.write_profiles(conn, changed)
-            await self.store.delete_buckets(conn, removed)
-            await self.store.write_buckets(conn, written)
             await self.registry.advance(conn, dataset, ids[-1], len(ids))
             for state in changed:
                 change = encode_change(

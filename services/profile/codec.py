@@ -4,7 +4,9 @@ and API resources.
 The published ``EvaluationView`` is assembled from encoded pieces: protobuf messages are
 the concatenation of their fields, so a profile's attributes and each of its aggregates
 are encoded once and kept (``ProfileState.attributes_encoded``, ``AggregateSeries.encoded``)
-until they change, and a change re-encodes only what it touched.
+until they change, and a change re-encodes only what it touched. The row's ``aggregates``
+document (JSON, ``audience.rules.aggregates_json``) is assembled the same way, from each
+aggregate's text (``AggregateSeries.document``) and each bucket's (``AggregateSeries.texts``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from datetime import datetime
 from typing import Any
 
 from audience.bus.v1 import profile_change_pb2
-from audience.rules.aggregates import BucketState
+from audience.rules.aggregates import (
+    BucketState,
+    bucket_from_json,
+    bucket_json,
+    document_json,
+    series_json,
+)
 from audience.rules.values import (
     TIMESTAMP_KEY,
     AttrValue,
@@ -43,6 +51,7 @@ __all__ = [
     "account_name",
     "account_view",
     "aggregate_values",
+    "aggregates_document",
     "attributes_from_json",
     "bucket_bytes",
     "change_batch",
@@ -228,6 +237,31 @@ def _series_bytes(aggregate_id: str, series: AggregateSeries) -> bytes:
     return series.encoded
 
 
+def _series_document(aggregate_id: str, series: AggregateSeries) -> str:
+    if series.document is None:
+        texts = series.texts
+        if texts is None:
+            texts = series.texts = {}
+        parts = []
+        for start in sorted(series.buckets):
+            text = texts.get(start)
+            if text is None:
+                text = texts[start] = bucket_json(series.buckets[start])
+            parts.append(text)
+        series.document = series_json(aggregate_id, parts)
+    return series.document
+
+
+def aggregates_document(aggregates: Mapping[str, AggregateSeries]) -> str:
+    """The ``aggregates`` column of a profile (``audience.rules.aggregates_json``, to the
+    letter), re-encoding only what changed."""
+    return document_json(
+        _series_document(aggregate_id, aggregates[aggregate_id])
+        for aggregate_id in sorted(aggregates)
+        if aggregates[aggregate_id].buckets
+    )
+
+
 # --- Views --------------------------------------------------------------------------------
 
 
@@ -311,7 +345,7 @@ def change_batch(changes: Iterable[bytes]) -> bytes:
 
 
 def evaluation_columns(state: ProfileState | AccountState) -> dict[str, Any]:
-    """The typed columns of ``profiles`` the rules read (``audience.rules.evaluation_row``)."""
+    """The columns of ``profiles`` the rules read (``audience.rules.evaluation_row``)."""
     if isinstance(state, ProfileState):
         view = view_from_parts(
             state.profile_id,
@@ -334,6 +368,8 @@ def evaluation_columns(state: ProfileState | AccountState) -> dict[str, Any]:
         )
     row = evaluation_row(view)
     row["attributes"] = attributes_json(state.attributes)
+    if isinstance(state, ProfileState):
+        row["aggregates"] = aggregates_document(state.aggregates)
     return row
 
 
@@ -366,16 +402,17 @@ def profile_from_parts(
     dataset: str,
     profile_id: str,
     row: Mapping[str, Any],
-    buckets: Iterable[tuple[str, BucketState]],
+    document: Mapping[str, Sequence[Sequence[Any]]] | None,
 ) -> ProfileState:
-    """A profile from its row (the columns ``store`` reads) and its buckets."""
+    """A profile from its row (the columns ``store`` reads) and its ``aggregates`` document
+    as ``json.loads`` reads it (``None``: left unread)."""
     blob = profile_pb2.Profile.FromString(row["state"] or b"")
     aggregates: dict[str, AggregateSeries] = {}
-    for aggregate_id, bucket in buckets:
-        series = aggregates.get(aggregate_id)
-        if series is None:
-            series = aggregates[aggregate_id] = AggregateSeries()
-        series.buckets[bucket.start] = bucket
+    for aggregate_id, items in (document or {}).items():
+        buckets = [bucket_from_json(item) for item in items]
+        if buckets:
+            aggregates[aggregate_id] = AggregateSeries({bucket.start: bucket for bucket in buckets})
+    expire = row["aggregates_expire"]
     return ProfileState(
         dataset=dataset,
         profile_id=profile_id,
@@ -393,6 +430,7 @@ def profile_from_parts(
         event_count=row["event_count"],
         merged_profiles=list(blob.merged_profiles),
         aggregates=aggregates,
+        expire=None if expire is None else micros_from_datetime(expire),
     )
 
 

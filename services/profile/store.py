@@ -18,8 +18,7 @@ from typing import Any
 import asyncpg
 from google.protobuf import duration_pb2
 
-from audience.rules.aggregates import BucketState
-from audience.rules.values import datetime_from_micros, micros_from_datetime
+from audience.rules.values import datetime_from_micros
 from audience.rules.view import EVALUATION_COLUMNS
 from audience.v1 import profile_pb2
 from services.profile.codec import (
@@ -89,13 +88,16 @@ EVALUATION_COLUMN_TYPES: Mapping[str, str] = {
     "lifetime_value": "float8",
     "order_count": "int8",
     "account_id": "text",
+    "aggregates": "text",
 }
+_JSON_COLUMNS = frozenset({"attributes", "aggregates"})
 _OWN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("sequence", "int8"),
     ("known", "bool"),
     ("user_count", "int8"),
     ("event_count", "int8"),
     ("state", "bytea"),
+    ("aggregates_expire", "timestamptz"),
 )
 
 
@@ -109,7 +111,7 @@ def _write_statement() -> str:
     arrays = ", ".join(f"${i + 4}::{kind}[]" for i, (_, kind) in enumerate(columns))
     names = ", ".join(name for name, _ in columns)
     sets = ", ".join(
-        f"{name} = u.{name}::jsonb" if name == "attributes" else f"{name} = u.{name}"
+        f"{name} = u.{name}::jsonb" if name in _JSON_COLUMNS else f"{name} = u.{name}"
         for name, _ in columns
     )
     return (
@@ -124,7 +126,7 @@ _WRITTEN_COLUMNS = (*EVALUATION_COLUMNS, *(name for name, _ in _OWN_COLUMNS))
 
 _ROW_COLUMNS = (
     "p.sequence, p.attributes, p.account_id, p.first_seen, p.last_seen, p.lifetime_value,"
-    " p.order_count, p.visit_count, p.event_count, p.user_count, p.state"
+    " p.order_count, p.visit_count, p.event_count, p.user_count, p.state, p.aggregates_expire"
 )
 
 
@@ -139,25 +141,6 @@ def _month(moment: datetime) -> int:
 
 def _month_start(month: int) -> datetime:
     return datetime(month // 12, month % 12 + 1, 1, tzinfo=UTC)
-
-
-def _buckets(rows: Iterable[asyncpg.Record]) -> list[tuple[str, BucketState]]:
-    return [
-        (
-            row["aggregate_id"],
-            BucketState(
-                micros_from_datetime(row["bucket_start"]),
-                row["count"],
-                row["sum"],
-                row["min"],
-                row["max"],
-                None if row["first_time"] is None else micros_from_datetime(row["first_time"]),
-                None if row["last_time"] is None else micros_from_datetime(row["last_time"]),
-                tuple(row["distinct_values"]),
-            ),
-        )
-        for row in rows
-    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,36 +297,17 @@ class ProfileStore:
         unique = sorted(set(keys))
         if not unique:
             return {}
-        datasets = [key[0] for key in unique]
-        ids = [key[1] for key in unique]
+        document = ", p.aggregates" if aggregates else ""
         rows = await conn.fetch(
-            f"SELECT p.dataset, p.profile_id, {_ROW_COLUMNS} FROM {S}.profiles p"
+            f"SELECT p.dataset, p.profile_id, {_ROW_COLUMNS}{document} FROM {S}.profiles p"
             " JOIN unnest($1::text[], $2::text[]) AS k(dataset, profile_id)"
             " ON p.dataset = k.dataset AND p.profile_id = k.profile_id WHERE p.kind = 'user'",
-            datasets,
-            ids,
+            [key[0] for key in unique],
+            [key[1] for key in unique],
         )
-        if not aggregates or not rows:
-            bucket_rows = []
-        else:
-            bucket_rows = await conn.fetch(
-                "SELECT b.dataset, b.profile_id, b.aggregate_id, b.bucket_start, b.count, b.sum,"
-                " b.min, b.max, b.first_time, b.last_time, b.distinct_values"
-                f" FROM {S}.aggregate_buckets b"
-                " JOIN unnest($1::text[], $2::text[]) AS k(dataset, profile_id)"
-                " ON b.dataset = k.dataset AND b.profile_id = k.profile_id WHERE b.kind = 'user'",
-                datasets,
-                ids,
-            )
-        by_profile: dict[ProfileKey, list[asyncpg.Record]] = {}
-        for row in bucket_rows:
-            by_profile.setdefault((row["dataset"], row["profile_id"]), []).append(row)
         return {
             (row["dataset"], row["profile_id"]): profile_from_parts(
-                row["dataset"],
-                row["profile_id"],
-                row,
-                _buckets(by_profile.get((row["dataset"], row["profile_id"]), ())),
+                row["dataset"], row["profile_id"], row, row["aggregates"] if aggregates else None
             )
             for row in rows
         }
@@ -499,6 +463,9 @@ class ProfileStore:
             row["user_count"] = 0
             row["event_count"] = state.event_count
             row["state"] = state_blob(state)
+            row["aggregates_expire"] = (
+                None if state.expire is None else datetime_from_micros(state.expire)
+            )
             for name, values in columns.items():
                 values.append(row[name])
         await conn.execute(
@@ -522,6 +489,7 @@ class ProfileStore:
             row["user_count"] = account.user_count
             row["event_count"] = 0
             row["state"] = None
+            row["aggregates_expire"] = None
             for name, values in columns.items():
                 values.append(row[name])
         await conn.execute(
@@ -531,159 +499,6 @@ class ProfileStore:
             [account.account_id for account in accounts],
             *columns.values(),
         )
-
-    async def write_buckets(
-        self,
-        conn: asyncpg.Connection,
-        rows: Sequence[tuple[str, str, str, BucketState]],
-    ) -> None:
-        """Upserts buckets: ``(dataset, profile_id, aggregate_id, bucket)``."""
-        if not rows:
-            return
-        await conn.execute(
-            f"INSERT INTO {S}.aggregate_buckets (dataset, kind, profile_id, aggregate_id,"
-            " bucket_start, count, sum, min, max, first_time, last_time, distinct_values)"
-            " SELECT dataset, 'user', profile_id, aggregate_id, bucket_start, count, sum, min,"
-            " max, first_time, last_time,"
-            " CASE WHEN dv IS NULL THEN '{}'::text[]"
-            " ELSE ARRAY(SELECT jsonb_array_elements_text(dv::jsonb)) END"
-            f" FROM {_BUCKET_ARRAYS}"
-            " ON CONFLICT (dataset, kind, profile_id, aggregate_id, bucket_start) DO UPDATE SET"
-            " count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,"
-            " max = EXCLUDED.max, first_time = EXCLUDED.first_time,"
-            " last_time = EXCLUDED.last_time, distinct_values = EXCLUDED.distinct_values",
-            *_bucket_columns(rows),
-        )
-
-    async def insert_buckets(
-        self,
-        conn: asyncpg.Connection,
-        rows: Sequence[tuple[str, str, str, BucketState]],
-    ) -> None:
-        """Inserts buckets known not to exist, through COPY (twice the rate of an upsert).
-
-        Raises:
-            asyncpg.UniqueViolationError: one existed after all.
-        """
-        if not rows:
-            return
-        await conn.copy_records_to_table(
-            "aggregate_buckets",
-            schema_name="profile",
-            columns=_BUCKET_COLUMNS,
-            records=[
-                (
-                    dataset,
-                    "user",
-                    profile_id,
-                    aggregate_id,
-                    _moment(bucket.start),
-                    bucket.count,
-                    bucket.sum,
-                    bucket.min,
-                    bucket.max,
-                    _moment(bucket.first_time),
-                    _moment(bucket.last_time),
-                    list(bucket.distinct_values),
-                )
-                for dataset, profile_id, aggregate_id, bucket in rows
-            ],
-        )
-
-    async def update_buckets(
-        self,
-        conn: asyncpg.Connection,
-        rows: Sequence[tuple[str, str, str, BucketState]],
-    ) -> int:
-        """Updates buckets known to exist; returns how many rows it found."""
-        if not rows:
-            return 0
-        status: str = await conn.execute(
-            f"UPDATE {S}.aggregate_buckets AS b SET count = u.count, sum = u.sum,"
-            " min = u.min, max = u.max, first_time = u.first_time, last_time = u.last_time,"
-            " distinct_values = CASE WHEN u.dv IS NULL THEN '{}'::text[]"
-            " ELSE ARRAY(SELECT jsonb_array_elements_text(u.dv::jsonb)) END"
-            f" FROM {_BUCKET_ARRAYS}"
-            " WHERE b.dataset = u.dataset AND b.kind = 'user' AND b.profile_id = u.profile_id"
-            " AND b.aggregate_id = u.aggregate_id AND b.bucket_start = u.bucket_start",
-            *_bucket_columns(rows),
-        )
-        return int(status.rpartition(" ")[2])
-
-    async def delete_buckets(
-        self, conn: asyncpg.Connection, rows: Sequence[tuple[str, str, str, int]]
-    ) -> None:
-        """Deletes buckets: ``(dataset, profile_id, aggregate_id, bucket_start)``."""
-        if not rows:
-            return
-        await conn.execute(
-            f"DELETE FROM {S}.aggregate_buckets b USING unnest($1::text[], $2::text[],"
-            " $3::text[], $4::timestamptz[]) AS u(dataset, profile_id, aggregate_id, bucket_start)"
-            " WHERE b.dataset = u.dataset AND b.kind = 'user' AND b.profile_id = u.profile_id"
-            " AND b.aggregate_id = u.aggregate_id AND b.bucket_start = u.bucket_start",
-            [row[0] for row in rows],
-            [row[1] for row in rows],
-            [row[2] for row in rows],
-            [datetime_from_micros(row[3]) for row in rows],
-        )
-
-
-_BUCKET_COLUMNS = [
-    "dataset",
-    "kind",
-    "profile_id",
-    "aggregate_id",
-    "bucket_start",
-    "count",
-    "sum",
-    "min",
-    "max",
-    "first_time",
-    "last_time",
-    "distinct_values",
-]
-_BUCKET_ARRAYS = (
-    "unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[], $6::float8[],"
-    " $7::float8[], $8::float8[], $9::timestamptz[], $10::timestamptz[], $11::text[])"
-    " AS u(dataset, profile_id, aggregate_id, bucket_start, count, sum, min, max, first_time,"
-    " last_time, dv)"
-)
-
-
-def _bucket_columns(rows: Sequence[tuple[str, str, str, BucketState]]) -> list[list[Any]]:
-    return [
-        [row[0] for row in rows],
-        [row[1] for row in rows],
-        [row[2] for row in rows],
-        [datetime_from_micros(row[3].start) for row in rows],
-        [row[3].count for row in rows],
-        [row[3].sum for row in rows],
-        [row[3].min for row in rows],
-        [row[3].max for row in rows],
-        [_moment(row[3].first_time) for row in rows],
-        [_moment(row[3].last_time) for row in rows],
-        [_distinct_json(row[3].distinct_values) for row in rows],
-    ]
-
-
-# Instants as datetimes by value, for the same reason as the codec's encoded instants.
-_MOMENTS: dict[int, datetime] = {}
-_MOMENTS_LIMIT = 200_000
-
-
-def _moment(micros: int | None) -> datetime | None:
-    if micros is None:
-        return None
-    found = _MOMENTS.get(micros)
-    if found is None:
-        if len(_MOMENTS) >= _MOMENTS_LIMIT:
-            _MOMENTS.clear()
-        found = _MOMENTS[micros] = datetime_from_micros(micros)
-    return found
-
-
-def _distinct_json(values: Sequence[str]) -> str | None:
-    return json.dumps(list(values), ensure_ascii=False) if values else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -865,20 +680,66 @@ class Registry:
                 found.setdefault(row["dataset"], []).append((row["aggregate_id"], retention))
         return found
 
-    async def delete_expired(
-        self, dataset: str, expiring: Sequence[tuple[str, int]], now: int
-    ) -> int:
-        """Deletes the dataset's buckets that start before ``now - retention``."""
-        status: str = await self.pool.execute(
-            f"DELETE FROM {S}.aggregate_buckets b"
-            " USING unnest($2::text[], $3::timestamptz[]) AS u(aggregate_id, cutoff)"
-            " WHERE b.dataset = $1 AND b.aggregate_id = u.aggregate_id"
-            " AND b.bucket_start < u.cutoff",
-            dataset,
-            [aggregate for aggregate, _ in expiring],
-            [datetime_from_micros(now - retention) for _, retention in expiring],
-        )
-        return int(status.rpartition(" ")[2])
+    async def sweep_expired(
+        self, expiring: Mapping[str, Mapping[str, int]], now: int, limit: int
+    ) -> tuple[int, int]:
+        """Drops the buckets past retention from up to ``limit`` profiles whose first expiry
+        has passed (``aggregates_expire``), and sets it again. Returns how many profiles
+        were read and how many buckets were dropped.
+
+        Args:
+            expiring: per dataset, the retention of each aggregate whose buckets expire
+                (microseconds).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Rows a unit holds are left for the next sweep: no waiting, and so no deadlock
+            # with units, which lock in key order.
+            rows = await conn.fetch(
+                f"SELECT dataset, profile_id, aggregates FROM {S}.profiles"
+                " WHERE aggregates_expire < $1 ORDER BY aggregates_expire LIMIT $2"
+                " FOR UPDATE SKIP LOCKED",
+                datetime_from_micros(now),
+                limit,
+            )
+            dropped = 0
+            updates: list[tuple[str, str, str, datetime | None]] = []
+            for row in rows:
+                retentions = expiring.get(row["dataset"], {})
+                kept: dict[str, list[Any]] = {}
+                expire: int | None = None
+                for aggregate_id, buckets in row["aggregates"].items():
+                    retention = retentions.get(aggregate_id, 0)
+                    if retention:
+                        # Buckets are in start order: the first one left expires first.
+                        fresh = [b for b in buckets if b[0] + retention >= now]
+                        dropped += len(buckets) - len(fresh)
+                        if fresh and (expire is None or fresh[0][0] + retention < expire):
+                            expire = fresh[0][0] + retention
+                        buckets = fresh
+                    if buckets:
+                        kept[aggregate_id] = buckets
+                updates.append(
+                    (
+                        row["dataset"],
+                        row["profile_id"],
+                        json.dumps(kept, ensure_ascii=False, separators=(",", ":")),
+                        None if expire is None else datetime_from_micros(expire),
+                    )
+                )
+            if updates:
+                await conn.execute(
+                    f"UPDATE {S}.profiles p SET aggregates = u.document::jsonb,"
+                    " aggregates_expire = u.expire"
+                    " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])"
+                    " AS u(dataset, profile_id, document, expire)"
+                    " WHERE p.dataset = u.dataset AND p.kind = 'user'"
+                    " AND p.profile_id = u.profile_id",
+                    [update[0] for update in updates],
+                    [update[1] for update in updates],
+                    [update[2] for update in updates],
+                    [update[3] for update in updates],
+                )
+            return len(rows), dropped
 
     async def finish(self, conn: asyncpg.Connection, backfill: Backfill) -> None:
         await conn.execute(
@@ -1010,7 +871,7 @@ class Eraser:
             dataset,
             merged,
         )
-        # The buckets go with the row (ON DELETE CASCADE).
+        # The aggregates go with the row.
         await conn.execute(
             f"DELETE FROM {S}.profiles WHERE dataset = $1 AND kind = 'user' AND profile_id = $2",
             dataset,

@@ -2,7 +2,7 @@
 
 The profile service maintains the aggregates rules read (``facts_from_event``,
 ``compile_aggregate``, ``accumulate``) and writes the evaluation schema
-(``evaluation_schema_ddl``, ``evaluation_row``, ``bucket_rows``); the segment engine
+(``evaluation_schema_ddl``, ``evaluation_row``, ``aggregates_json``); the segment engine
 compiles rules (``compile_rule``) and evaluates them over evaluation views
 (``view_from_proto``), in Python on the hot path and in SQL for backfills.
 """
@@ -21,12 +21,17 @@ from audience.rules.aggregates import (
     WindowPlan,
     accumulate,
     aggregate_id,
+    aggregates_json,
+    bucket_from_json,
+    bucket_json,
     bucket_start,
     canonical_spec,
     compile_aggregate,
+    document_json,
     plan_window,
     series_from_buckets,
     series_from_proto,
+    series_json,
 )
 from audience.rules.compiler import (
     EMPTY_ROLLUPS,
@@ -54,7 +59,6 @@ from audience.rules.values import (
 from audience.rules.view import (
     EVALUATION_COLUMNS,
     View,
-    bucket_rows,
     evaluation_row,
     view_from_parts,
     view_from_proto,
@@ -87,13 +91,16 @@ __all__ = [
     "WindowPlan",
     "accumulate",
     "aggregate_id",
+    "aggregates_json",
     "attributes_json",
-    "bucket_rows",
+    "bucket_from_json",
+    "bucket_json",
     "bucket_start",
     "canonical_spec",
     "compile_aggregate",
     "compile_rule",
     "datetime_from_micros",
+    "document_json",
     "evaluation_row",
     "evaluation_schema_ddl",
     "facts_from_event",
@@ -107,6 +114,7 @@ __all__ = [
     "rule_violations",
     "series_from_buckets",
     "series_from_proto",
+    "series_json",
     "timestamp_from_micros",
     "validate_rule",
     "view_from_parts",

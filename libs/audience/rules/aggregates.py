@@ -3,7 +3,7 @@
 Every windowed condition (behaviour, campaign, affinity) compiles to an ``AggregateSpec``
 that the profile service maintains per profile as sparse time buckets, and that both
 evaluators read: the Python predicate from the evaluation view, the SQL predicate from the
-``aggregate_buckets`` table.
+``aggregates`` column of ``profiles``, a JSON document written by :func:`aggregates_json`.
 
 **Statistics kept.** A spec's ``function`` is canonical: ``COUNT`` keeps count and first
 and last time (for the count, first-time and last-time functions); ``SUM`` keeps count,
@@ -43,7 +43,7 @@ import hashlib
 import json
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -72,13 +72,18 @@ __all__ = [
     "WindowPlan",
     "accumulate",
     "aggregate_id",
+    "aggregates_json",
+    "bucket_from_json",
+    "bucket_json",
     "bucket_start",
     "canonical_function",
     "canonical_spec",
     "compile_aggregate",
+    "document_json",
     "plan_window",
     "series_from_buckets",
     "series_from_proto",
+    "series_json",
     "window_average",
     "window_count",
     "window_distinct",
@@ -423,6 +428,74 @@ def window_next_change(series: Series | None, low: int, now: int, plan: WindowPl
         if oldest < after:
             candidates.append(starts[oldest] + plan.width + plan.duration)
     return min(candidates) if candidates else None
+
+
+# --- Storing: the `aggregates` column of `profiles`, which the SQL predicates read. ---
+#
+# {"<aggregate_id>": [[start, count, sum, min, max, first_time, last_time(, [distinct])],
+# …], …}: instants in integer microseconds, an unknown min, max or time null, the distinct
+# values only when there are some. Numbers are written as Python's repr, the shortest text
+# that reads back as the same double; PostgreSQL keeps a JSON number as that decimal and
+# gives the same text back, so `(v ->> 2)::float8` in SQL is the very double Python holds.
+# JSON has no infinities: a sum that overflowed is written as a string float8 also reads.
+
+_NON_FINITE = {math.inf: '"Infinity"', -math.inf: '"-Infinity"'}
+
+
+def _json_float(value: float) -> str:
+    if value - value == 0.0:
+        return repr(value)
+    return _NON_FINITE.get(value, '"NaN"')
+
+
+def bucket_json(bucket: BucketState) -> str:
+    """The JSON text of one bucket in the ``aggregates`` column."""
+    low, high, first, last = bucket.min, bucket.max, bucket.first_time, bucket.last_time
+    text = (
+        f"[{bucket.start},{bucket.count},{_json_float(bucket.sum)},"
+        f"{'null' if low is None else _json_float(low)},"
+        f"{'null' if high is None else _json_float(high)},"
+        f"{'null' if first is None else first},{'null' if last is None else last}"
+    )
+    if bucket.distinct_values:
+        text += "," + json.dumps(list(bucket.distinct_values), ensure_ascii=False)
+    return text + "]"
+
+
+def series_json(aggregate_id: str, buckets: Iterable[str]) -> str:
+    """One aggregate's member of the document: ``buckets`` are :func:`bucket_json` texts,
+    in start order."""
+    return f"{json.dumps(aggregate_id)}:[{','.join(buckets)}]"
+
+
+def document_json(series: Iterable[str]) -> str:
+    """The ``aggregates`` document of :func:`series_json` members (one per aggregate)."""
+    return "{" + ",".join(series) + "}"
+
+
+def aggregates_json(aggregates: Mapping[str, Series]) -> str:
+    """The ``aggregates`` column of a subject with these (non-empty) aggregates."""
+    return document_json(
+        series_json(aggregate, (bucket_json(bucket) for bucket in series.buckets()))
+        for aggregate, series in sorted(aggregates.items())
+        if len(series)
+    )
+
+
+def bucket_from_json(item: Sequence[Any]) -> BucketState:
+    """A bucket of the ``aggregates`` column, as ``json.loads`` reads it (jsonb gives a whole
+    number back without its fraction, so floats are made floats again)."""
+    low, high = item[3], item[4]
+    return BucketState(
+        item[0],
+        item[1],
+        float(item[2]),
+        None if low is None else float(low),
+        None if high is None else float(high),
+        item[5],
+        item[6],
+        tuple(item[7]) if len(item) > 7 else (),
+    )
 
 
 # --- Writing: what the profile service calls to maintain aggregates exactly. ---

@@ -434,42 +434,45 @@ class _Window(_Leaf):
         return f"_window_timer({series}, {low}, now, {ns.const(self.plan)})"
 
     def sql_observe(self, ctx: SqlContext, alias: str) -> str:
+        # The aggregate's buckets, one JSON array each (see `audience.rules.aggregates_json`),
+        # read from the profile's own row: only this aggregate's buckets are walked.
         b = ctx.alias("b")
         plan = self.plan
-        where = [
-            f"{b}.dataset = {alias}.dataset",
-            f"{b}.kind = {alias}.kind",
-            f"{b}.profile_id = {alias}.profile_id",
-            f"{b}.aggregate_id = {ctx.bind(self.spec.aggregate_id, 'text')}",
-        ]
+        start = f"({b}.v -> 0)::int8"
+        where = []
         if plan.kind == "last":
             low = agg.bucket_start(ctx.now - plan.duration, plan.width)
-            where.append(f"{b}.bucket_start BETWEEN {ctx.bind_instant(low)} AND {ctx.now_param}")
+            where.append(f"{start} BETWEEN {ctx.bind(low, 'int8')} AND {ctx.now_micros_param}")
         elif plan.kind == "this_session":
-            where.append(f"{b}.bucket_start > {alias}.session_start - interval '1 second'")
-            where.append(f"{b}.bucket_start <= {ctx.now_param}")
+            # From the second the visit began: the start's microseconds, exactly.
+            session = f"(extract(epoch FROM {alias}.session_start) * 1000000)::int8"
+            where.append(f"{start} > {session} - {agg.SECOND}")
+            where.append(f"{start} <= {ctx.now_micros_param}")
         elif plan.kind == "between":
-            where.append(f"{b}.bucket_start >= {ctx.bind_instant(plan.start)}")
-            where.append(f"{b}.bucket_start < {ctx.bind_instant(plan.end)}")
-        source = f"FROM {ctx.table('aggregate_buckets')} AS {b}"
+            where.append(f"{start} >= {ctx.bind(plan.start, 'int8')}")
+            where.append(f"{start} < {ctx.bind(plan.end, 'int8')}")
+        aggregate = ctx.bind(self.spec.aggregate_id, "text")
+        source = f"FROM jsonb_array_elements({alias}.aggregates -> {aggregate}) AS {b}(v)"
         function = self.function
         if function == _F.AGGREGATE_FUNCTION_DISTINCT_COUNT:
             d = ctx.alias("d")
-            source += f" CROSS JOIN LATERAL unnest({b}.distinct_values) AS {d}(value)"
+            source += f" CROSS JOIN LATERAL jsonb_array_elements_text({b}.v -> 7) AS {d}(value)"
             select = f"count(DISTINCT {d}.value)"
         else:
-            ordered_sum = f"sum({b}.sum ORDER BY {b}.bucket_start)"
+            count = f"sum(({b}.v -> 1)::int8)"
+            ordered_sum = f"sum(({b}.v ->> 2)::float8 ORDER BY {start})"
             selects: Mapping[int, str] = {
-                _F.AGGREGATE_FUNCTION_COUNT: f"coalesce(sum({b}.count), 0)",
+                _F.AGGREGATE_FUNCTION_COUNT: f"coalesce({count}, 0)",
                 _F.AGGREGATE_FUNCTION_SUM: f"coalesce({ordered_sum}, 0)",
-                _F.AGGREGATE_FUNCTION_AVERAGE: f"{ordered_sum} / sum({b}.count)::float8",
-                _F.AGGREGATE_FUNCTION_MIN: f"min({b}.min)",
-                _F.AGGREGATE_FUNCTION_MAX: f"max({b}.max)",
-                _F.AGGREGATE_FUNCTION_FIRST_TIME: f"min({b}.first_time)",
-                _F.AGGREGATE_FUNCTION_LAST_TIME: f"max({b}.last_time)",
+                _F.AGGREGATE_FUNCTION_AVERAGE: f"{ordered_sum} / {count}::float8",
+                _F.AGGREGATE_FUNCTION_MIN: f"min(({b}.v ->> 3)::float8)",
+                _F.AGGREGATE_FUNCTION_MAX: f"max(({b}.v ->> 4)::float8)",
+                _F.AGGREGATE_FUNCTION_FIRST_TIME: _instant(f"min(({b}.v -> 5)::int8)"),
+                _F.AGGREGATE_FUNCTION_LAST_TIME: _instant(f"max(({b}.v -> 6)::int8)"),
             }
             select = selects[function]
-        return f"(SELECT {select} {source} WHERE {' AND '.join(where)})"
+        condition = f" WHERE {' AND '.join(where)}" if where else ""
+        return f"(SELECT {select} {source}{condition})"
 
     def dependencies(self) -> set[str]:
         keys = {f"event:{FACT_SOURCES.get(self.event_name, self.event_name)}", "aggregates"}
@@ -479,6 +482,16 @@ class _Window(_Leaf):
 
     def aggregates(self) -> list[profile_pb2.AggregateSpec]:
         return [self.spec]
+
+
+def _instant(micros: str) -> str:
+    """A ``timestamptz`` from integer microseconds, exact from year 1 to 9999: whole seconds
+    (``to_timestamp`` is exact on those) plus the rest as a count of one-microsecond
+    intervals. A float of the microseconds would round past 2**53."""
+    return (
+        f"(to_timestamp({micros} / 1000000)"
+        f" + ({micros} % 1000000) * make_interval(secs => 0.000001))"
+    )
 
 
 _WINDOW_READERS: Mapping[int, str] = {

@@ -3,9 +3,9 @@
 -- A contract between the rule language (libs/audience/rules) and the profile service, which
 -- owns these tables and mirrors this file in its migrations. `{schema}` stands for the
 -- service's schema name (see `audience.rules.evaluation_schema_ddl`). The SQL predicates
--- read exactly these columns; `audience.rules.evaluation_row(view)` and
--- `audience.rules.bucket_rows(view)` give the values to write, from the same evaluation view
--- the Python predicates read, so the two evaluators see the same data.
+-- read exactly these columns; `audience.rules.evaluation_row(view)` gives the values to
+-- write, from the same evaluation view the Python predicates read, so the two evaluators see
+-- the same data.
 --
 -- Conventions:
 --   * Times are timestamptz (microseconds, as the rules' instants).
@@ -14,7 +14,7 @@
 --   * `attributes` is the JSON of `audience.rules.attributes_json`: timestamps are
 --     {"$ts": <microseconds since the epoch>}, numbers are finite.
 --   * Users and accounts share `profiles`, told apart by `kind`; an account's users point at
---     it through `account_id`. Erased profiles are deleted, with their buckets.
+--     it through `account_id`. Erased profiles are deleted, with their aggregates.
 
 CREATE TABLE IF NOT EXISTS {schema}.profiles (
     dataset             text COLLATE "C" NOT NULL,
@@ -55,6 +55,16 @@ CREATE TABLE IF NOT EXISTS {schema}.profiles (
     order_count         bigint NOT NULL DEFAULT 0,
     -- For a user: the account it belongs to.
     account_id          text COLLATE "C",
+    -- The non-empty time buckets of the registered aggregates (`AggregateSpec`), as
+    -- `audience.rules.aggregates_json` writes them: {"<aggregate_id>": [bucket, …], …}, each
+    -- aggregate's buckets in start order, a bucket being [start, count, sum, min, max,
+    -- first_time, last_time] (null for an unknown min, max or time) with, for a
+    -- DISTINCT_COUNT aggregate that has values, an eighth item: the distinct values (see
+    -- `audience.rules.distinct_key`, at most 1,000). Instants are integer microseconds; a
+    -- bucket starts at a multiple of its aggregate's width since the epoch (the epoch itself
+    -- for an all-time aggregate); non-finite sums are the strings "Infinity", "-Infinity" and
+    -- "NaN". One value per subject, so a change to any number of buckets rewrites one row.
+    aggregates          jsonb NOT NULL DEFAULT '{}',
     PRIMARY KEY (dataset, kind, profile_id)
 );
 
@@ -62,27 +72,3 @@ CREATE TABLE IF NOT EXISTS {schema}.profiles (
 CREATE INDEX IF NOT EXISTS profiles_account_users
     ON {schema}.profiles (dataset, account_id)
     WHERE kind = 'user' AND account_id IS NOT NULL;
-
--- The non-empty time buckets of the registered aggregates (`AggregateSpec`) per subject.
--- A bucket starts at a multiple of its aggregate's width since the epoch (the epoch itself
--- for an all-time aggregate).
-CREATE TABLE IF NOT EXISTS {schema}.aggregate_buckets (
-    dataset         text COLLATE "C" NOT NULL,
-    kind            text COLLATE "C" NOT NULL,
-    profile_id      text COLLATE "C" NOT NULL,
-    aggregate_id    text COLLATE "C" NOT NULL,
-    bucket_start    timestamptz NOT NULL,
-    count           bigint NOT NULL CHECK (count > 0),
-    sum             double precision NOT NULL DEFAULT 0,
-    min             double precision,
-    max             double precision,
-    first_time      timestamptz,
-    last_time       timestamptz,
-    -- Distinct values of a DISTINCT_COUNT aggregate (see `audience.rules.distinct_key`),
-    -- at most 1,000.
-    distinct_values text[] COLLATE "C" NOT NULL DEFAULT '{}',
-    -- The key serves the correlated lookup of one subject's buckets in a window.
-    PRIMARY KEY (dataset, kind, profile_id, aggregate_id, bucket_start),
-    FOREIGN KEY (dataset, kind, profile_id)
-        REFERENCES {schema}.profiles (dataset, kind, profile_id) ON DELETE CASCADE
-);

@@ -1,7 +1,7 @@
 """Comparisons in SQL, and the evaluation schema the SQL predicates run over.
 
-The SQL predicate of a rule reads the profile service's ``profiles`` and
-``aggregate_buckets`` tables (``evaluation_schema.sql``). Every value of a rule — operands,
+The SQL predicate of a rule reads the profile service's ``profiles`` table, its
+``aggregates`` document included (``evaluation_schema.sql``). Every value of a rule — operands,
 attribute paths, aggregate ids, segment member lists, the instant ``now`` — is a bound
 parameter; the only identifiers are the schema name (checked against a strict pattern and
 quoted) and the fixed column names written here. So no rule can change the statement's
@@ -93,6 +93,7 @@ class SqlContext:
         self.segments = segments
         self.params: list[Any] = []
         self._now_param: str | None = None
+        self._now_micros_param: str | None = None
         self._aliases = 0
         # Segments being inlined, outermost first: a guard against a cycle slipping through.
         self.inlining: list[str] = []
@@ -109,6 +110,13 @@ class SqlContext:
         if self._now_param is None:
             self._now_param = self.bind_instant(self.now)
         return self._now_param
+
+    @property
+    def now_micros_param(self) -> str:
+        """``now`` as integer microseconds, as the ``aggregates`` document holds instants."""
+        if self._now_micros_param is None:
+            self._now_micros_param = self.bind(self.now, "int8")
+        return self._now_micros_param
 
     def alias(self, prefix: str) -> str:
         self._aliases += 1

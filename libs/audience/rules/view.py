@@ -1,10 +1,10 @@
 """The evaluation view: what a rule reads of one profile (or account), as plain Python.
 
 It mirrors ``audience.bus.v1.EvaluationView`` with the subject's id, flattened into typed
-fields that are also the typed columns of the ``profiles`` table (``evaluation_schema.sql``):
-:func:`evaluation_row` gives a view's row, so the profile service writes exactly what the
-Python predicate reads. Times are microseconds since the epoch; an unset string, enum,
-time or place is ``None`` (missing), never ``""``.
+fields that are also the columns of the ``profiles`` table (``evaluation_schema.sql``), the
+aggregates included: :func:`evaluation_row` gives a view's row, so the profile service
+writes exactly what the Python predicate reads. Times are microseconds since the epoch; an
+unset string, enum, time or place is ``None`` (missing), never ``""``.
 
 Fields derived from the visit (``None`` when the subject has had no visit):
 
@@ -20,12 +20,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Protocol
 
 from google.protobuf import timestamp_pb2
 
-from audience.rules.aggregates import Series, series_from_proto
+from audience.rules.aggregates import Series, aggregates_json, series_from_proto
 from audience.rules.facts import CHANNEL_LABELS, DEVICE_LABELS, WEATHER_LABELS, cart_value
 from audience.rules.values import (
     AttrValue,
@@ -40,7 +39,6 @@ __all__ = [
     "EVALUATION_COLUMNS",
     "EvaluationViewMessage",
     "View",
-    "bucket_rows",
     "evaluation_row",
     "view_from_parts",
     "view_from_proto",
@@ -89,9 +87,9 @@ class View:
     aggregates: Mapping[str, Series] = field(default_factory=dict)
 
 
-# The typed columns of `profiles`, in order: each is a View field of the same name.
+# The columns of `profiles` the rules read, in order: each is a View field of the same name.
 EVALUATION_COLUMNS: tuple[str, ...] = tuple(
-    name for name in View.__dataclass_fields__ if name not in ("subject_id", "aggregates")
+    name for name in View.__dataclass_fields__ if name != "subject_id"
 )
 _TIME_COLUMNS = frozenset({"session_start", "first_seen", "last_seen"})
 
@@ -223,44 +221,19 @@ def view_from_parts(
 
 
 def evaluation_row(view: View) -> dict[str, Any]:
-    """The view's typed columns of ``profiles``, as asyncpg takes them.
+    """The view's columns of ``profiles``, as asyncpg takes them.
 
-    ``attributes`` is JSON text (for a ``jsonb`` parameter); times are aware datetimes.
+    ``attributes`` and ``aggregates`` are JSON text (for ``jsonb`` parameters); times are
+    aware datetimes.
     """
     row: dict[str, Any] = {}
     for name in EVALUATION_COLUMNS:
         value = getattr(view, name)
         if name == "attributes":
             value = attributes_json(value)
+        elif name == "aggregates":
+            value = aggregates_json(value)
         elif name in _TIME_COLUMNS and value is not None:
             value = datetime_from_micros(value)
         row[name] = value
     return row
-
-
-def bucket_rows(
-    view: View,
-) -> list[tuple[str, datetime, int, float, float | None, float | None, Any, Any, list[str]]]:
-    """The view's rows of ``aggregate_buckets``: ``(aggregate_id, bucket_start, count, sum,
-    min, max, first_time, last_time, distinct_values)``."""
-
-    def moment(micros: int | None) -> datetime | None:
-        return None if micros is None else datetime_from_micros(micros)
-
-    rows = []
-    for aggregate, series in view.aggregates.items():
-        for bucket in series.buckets():
-            rows.append(
-                (
-                    aggregate,
-                    datetime_from_micros(bucket.start),
-                    bucket.count,
-                    bucket.sum,
-                    bucket.min,
-                    bucket.max,
-                    moment(bucket.first_time),
-                    moment(bucket.last_time),
-                    list(bucket.distinct_values),
-                )
-            )
-    return rows

@@ -30,6 +30,7 @@ __all__ = [
     "Compiled",
     "combine",
     "count_facts",
+    "earliest_expiry",
     "merge_series",
     "prune",
 ]
@@ -206,8 +207,6 @@ def merge_series(
             mine = target[aggregate_id] = AggregateSeries()
         for start, bucket in series.buckets.items():
             existing = mine.buckets.get(start)
-            if existing is None:
-                touch.created.add((aggregate_id, start))
             mine.put(bucket if existing is None else combine(existing, bucket))
             touch.buckets.add((aggregate_id, start))
 
@@ -225,6 +224,7 @@ def count_facts(
     at once.
     """
     aggregates = state.aggregates
+    expire = state.expire
     for fact in facts:
         moment = fact.timestamp
         for compiled in index.candidates(fact):
@@ -239,15 +239,17 @@ def count_facts(
                 if observation is None:
                     continue
                 start = observation.bucket_start
-            if compiled.expires and start < now - compiled.expires:
-                continue
+            expires = compiled.expires
+            if expires:
+                if start + expires < now:
+                    continue
+                if expire is None or start + expires < expire:
+                    expire = start + expires
             aggregate_id = compiled.aggregate_id
             series = aggregates.get(aggregate_id)
             if series is None:
                 series = aggregates[aggregate_id] = AggregateSeries()
             old = series.buckets.get(start)
-            if old is None:
-                touch.created.add((aggregate_id, start))
             if observation is not None:
                 series.put(accumulate(old, observation))
             elif old is None:
@@ -267,34 +269,42 @@ def count_facts(
                     )
                 )
             touch.buckets.add((aggregate_id, start))
+    state.expire = expire
 
 
-def prune(
-    state: ProfileState, index: AggregateIndex, touch: Touch, now: int, only: Iterable[str] = ()
-) -> None:
-    """Drops buckets that start before ``now - retention``. An all-time aggregate (width 0)
-    has one bucket, which never expires.
+def _retention(index: AggregateIndex, aggregate_id: str) -> int:
+    """How long the aggregate's buckets are kept; 0: forever (all-time or unknown ones)."""
+    matcher = index.matchers.get(aggregate_id)
+    if matcher is None or not matcher.width:
+        return 0
+    return matcher.retention
 
-    Args:
-        only: the aggregate ids to look at; every aggregate of the profile when empty.
+
+def earliest_expiry(aggregates: Mapping[str, AggregateSeries], index: AggregateIndex) -> int | None:
+    """When the first of these buckets expires, by the retentions of ``index``."""
+    expire: int | None = None
+    for aggregate_id, series in aggregates.items():
+        retention = _retention(index, aggregate_id)
+        if retention and series.buckets:
+            first = min(series.buckets) + retention
+            if expire is None or first < expire:
+                expire = first
+    return expire
+
+
+def prune(state: ProfileState, index: AggregateIndex, touch: Touch, now: int) -> None:
+    """Drops buckets that start before ``now - retention`` and sets ``state.expire`` to when
+    the next one does. An all-time aggregate (width 0) has one bucket, which never expires.
     """
-    ids = list(only) or list(state.aggregates)
-    for aggregate_id in ids:
-        series = state.aggregates.get(aggregate_id)
-        if series is None:
+    for aggregate_id in list(state.aggregates):
+        retention = _retention(index, aggregate_id)
+        if not retention:
             continue
-        matcher = index.matchers.get(aggregate_id)
-        if matcher is None or not matcher.retention or not matcher.width:
-            continue
-        cutoff = now - matcher.retention
-        starts = [start for start in series.buckets if start < cutoff]
-        for start in starts:
+        series = state.aggregates[aggregate_id]
+        for start in [start for start in series.buckets if start + retention < now]:
             series.drop(start)
             touch.buckets.discard((aggregate_id, start))
-            if (aggregate_id, start) in touch.created:
-                # Never written: nothing to delete either.
-                touch.created.discard((aggregate_id, start))
-            else:
-                touch.removed.add((aggregate_id, start))
+            touch.removed.add((aggregate_id, start))
         if not series.buckets:
             del state.aggregates[aggregate_id]
+    state.expire = earliest_expiry(state.aggregates, index)

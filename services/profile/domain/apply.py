@@ -307,9 +307,9 @@ def apply_event(
 
 
 def finish(state: ProfileState, index: AggregateIndex | None, touch: Touch, now: int) -> None:
-    """Ends a unit of work on a profile: drops the expired buckets of touched aggregates."""
-    if index is not None and touch.buckets:
-        prune(state, index, touch, now, {aggregate for aggregate, _ in touch.buckets})
+    """Ends a unit of work on a profile: drops the buckets that expired, if any did."""
+    if index is not None and state.expire is not None and state.expire < now:
+        prune(state, index, touch, now)
 
 
 def apply_account_event(account: AccountState, event: event_pb2.Event, touch: Touch) -> None:

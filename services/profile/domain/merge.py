@@ -64,3 +64,5 @@ def merge_into(target: ProfileState, source: ProfileState, touch: Touch) -> None
     if source.aggregates:
         merge_series(target.aggregates, source.aggregates, touch)
         touch.keys.add("aggregates")
+        if source.expire is not None:
+            target.expires_by(source.expire)

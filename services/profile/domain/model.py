@@ -64,30 +64,36 @@ class ChangeType(Enum):
 class AggregateSeries:
     """One aggregate's non-empty buckets for one profile, by bucket start.
 
-    ``encoded`` and ``pieces`` are memos for whoever serialises the series (the view
-    encoder): the whole series, and each bucket by start. They stay valid until the
-    buckets change, and every change goes through :meth:`put` or :meth:`drop`, which clear
-    what it makes stale.
+    ``encoded`` and ``pieces`` are memos for the view encoder (the whole series, and each
+    bucket by start, as protobuf), ``document`` and ``texts`` the same for the row's
+    ``aggregates`` column (as JSON). They stay valid until the buckets change, and every
+    change goes through :meth:`put` or :meth:`drop`, which clear what it makes stale.
     """
 
-    __slots__ = ("buckets", "encoded", "pieces")
+    __slots__ = ("buckets", "document", "encoded", "pieces", "texts")
 
     def __init__(self, buckets: dict[int, BucketState] | None = None) -> None:
         self.buckets: dict[int, BucketState] = buckets if buckets is not None else {}
         self.encoded: bytes | None = None
         self.pieces: dict[int, bytes] | None = None
+        self.document: str | None = None
+        self.texts: dict[int, str] | None = None
 
     def put(self, bucket: BucketState) -> None:
         self.buckets[bucket.start] = bucket
-        self.encoded = None
+        self.encoded = self.document = None
         if self.pieces:
             self.pieces.pop(bucket.start, None)
+        if self.texts:
+            self.texts.pop(bucket.start, None)
 
     def drop(self, start: int) -> None:
         del self.buckets[start]
-        self.encoded = None
+        self.encoded = self.document = None
         if self.pieces:
             self.pieces.pop(start, None)
+        if self.texts:
+            self.texts.pop(start, None)
 
     def ordered(self) -> list[BucketState]:
         return [self.buckets[start] for start in sorted(self.buckets)]
@@ -100,17 +106,14 @@ class Touch:
     Attributes:
         keys: the changed keys, in the vocabulary of ``ProfileChange.changed_keys``.
         event_ids: the ids of the events applied.
-        buckets: ``(aggregate_id, bucket_start)`` of buckets to write.
-        created: those of ``buckets`` that did not exist before (so are inserted, not
-            updated).
-        removed: ``(aggregate_id, bucket_start)`` of buckets to delete.
+        buckets: ``(aggregate_id, bucket_start)`` of buckets added or changed.
+        removed: ``(aggregate_id, bucket_start)`` of buckets dropped.
         row: whether the subject's row changed.
     """
 
     keys: set[str] = field(default_factory=set)
     event_ids: list[str] = field(default_factory=list)
     buckets: set[tuple[str, int]] = field(default_factory=set)
-    created: set[tuple[str, int]] = field(default_factory=set)
     removed: set[tuple[str, int]] = field(default_factory=set)
     row: bool = False
 
@@ -131,6 +134,9 @@ class ProfileState:
             carried over from earlier events when the latest lacks them.
         merged_profiles: ids of the profiles merged into this one.
         aggregates: aggregate id → its non-empty buckets.
+        expire: no bucket expires (passes its aggregate's retention) before this instant;
+            ``None`` when none ever does. Never later than the first real expiry, so a
+            unit or a sweep that finds it passed drops what expired and sets it again.
         attributes_encoded: a memo for the view encoder, cleared when attributes change.
     """
 
@@ -150,11 +156,17 @@ class ProfileState:
     event_count: int = 0
     merged_profiles: list[str] = field(default_factory=list)
     aggregates: dict[str, AggregateSeries] = field(default_factory=dict)
+    expire: int | None = None
     attributes_encoded: bytes | None = None
 
     @property
     def key(self) -> ProfileKey:
         return (self.dataset, self.profile_id)
+
+    def expires_by(self, instant: int) -> None:
+        """Notes a bucket that expires at ``instant``."""
+        if self.expire is None or instant < self.expire:
+            self.expire = instant
 
     @property
     def known(self) -> bool:

@@ -1,8 +1,8 @@
 """The Python and SQL predicates agree, on real PostgreSQL, for generated rules and profiles.
 
-Each example inserts a handful of profiles (and their aggregate buckets) under a dataset of
-its own, then reads every profile's result for the whole rule and for each of its
-conditions in one statement, and compares them with the Python evaluation. The session
+Each example inserts a handful of profiles (with their aggregates) under a dataset of its
+own, then reads every profile's result for the whole rule and for each of its conditions in
+one statement, and compares them with the Python evaluation. The session
 runs in a time zone with a 45-minute offset, so that nothing may depend on it.
 """
 
@@ -23,7 +23,6 @@ from audience.rules import (
     CompiledRule,
     ImportedMembers,
     View,
-    bucket_rows,
     compile_rule,
     evaluation_row,
     evaluation_schema_ddl,
@@ -77,7 +76,7 @@ async def database(postgres_dsn: str) -> AsyncIterator[Database]:
 async def _insert(db: Database, dataset: str, kind: str, views: Sequence[View]) -> None:
     columns = ", ".join(EVALUATION_COLUMNS)
     placeholders = ", ".join(
-        f"${index + 4}::jsonb" if name == "attributes" else f"${index + 4}"
+        f"${index + 4}::jsonb" if name in ("attributes", "aggregates") else f"${index + 4}"
         for index, name in enumerate(EVALUATION_COLUMNS)
     )
     await db.connection.executemany(
@@ -85,16 +84,6 @@ async def _insert(db: Database, dataset: str, kind: str, views: Sequence[View]) 
         f" VALUES ($1, $2, $3, {placeholders})",
         [(dataset, kind, view.subject_id, *evaluation_row(view).values()) for view in views],
     )
-    buckets = [
-        (dataset, kind, view.subject_id, *row) for view in views for row in bucket_rows(view)
-    ]
-    if buckets:
-        await db.connection.executemany(
-            f"INSERT INTO {db.schema}.aggregate_buckets (dataset, kind, profile_id,"
-            " aggregate_id, bucket_start, count, sum, min, max, first_time, last_time,"
-            " distinct_values) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            buckets,
-        )
 
 
 def _conditions(rule: rule_pb2.Rule) -> list[rule_pb2.Rule]:

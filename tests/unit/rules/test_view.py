@@ -14,8 +14,9 @@ from audience.rules import (
     BucketState,
     Instant,
     View,
+    aggregates_json,
     attributes_json,
-    bucket_rows,
+    bucket_from_json,
     datetime_from_micros,
     evaluation_row,
     micros_from_datetime,
@@ -118,28 +119,51 @@ def test_the_row_has_every_typed_column_and_attributes_as_json() -> None:
     assert row["session_start"] == datetime_from_micros(T)
     assert row["cart_value"] == 9.5
     assert row["first_seen"] is None
+    assert row["aggregates"] == "{}"
 
 
-def test_bucket_rows_list_each_bucket() -> None:
+def test_the_aggregates_column_holds_each_buckets_numbers_in_start_order() -> None:
     from audience.rules import series_from_buckets
 
     view = View(
         subject_id="u",
-        aggregates={"agg": series_from_buckets([BucketState(SECOND, 1, 0.0, None, None, T, T)])},
+        aggregates={
+            "agg_b": series_from_buckets(
+                [
+                    BucketState(2 * SECOND, 3, 0.1, -2.5, 1e16, T, T + 1, ("s:x", 'n:"q"')),
+                    BucketState(SECOND, 1, 0.0, None, None, T, T),
+                ]
+            ),
+            "agg_a": series_from_buckets([BucketState(0, 2, math.inf, 1e308, 1e308, None, None)]),
+            "agg_empty": series_from_buckets([]),
+        },
     )
-    assert bucket_rows(view) == [
-        (
-            "agg",
-            datetime_from_micros(SECOND),
-            1,
-            0.0,
-            None,
-            None,
-            datetime_from_micros(T),
-            datetime_from_micros(T),
-            [],
-        )
+    text = evaluation_row(view)["aggregates"]
+    assert text == aggregates_json(view.aggregates)
+    assert json.loads(text) == {
+        "agg_a": [[0, 2, "Infinity", 1e308, 1e308, None, None]],
+        "agg_b": [
+            [SECOND, 1, 0.0, None, None, T, T],
+            [2 * SECOND, 3, 0.1, -2.5, 1e16, T, T + 1, ["s:x", 'n:"q"']],
+        ],
+    }
+
+
+def test_buckets_read_back_from_the_column_are_the_buckets_written() -> None:
+    from audience.rules import bucket_json
+
+    buckets = [
+        BucketState(SECOND, 1, 0.0, None, None, T, T),
+        BucketState(0, 3, -0.5, 1.0, 2.0, None, T, ("s:a",)),
+        BucketState(0, 1, -math.inf, 3.0, 3.0, 1, 1),
     ]
+    for bucket in buckets:
+        assert bucket_from_json(json.loads(bucket_json(bucket))) == bucket
+    # jsonb gives a whole number back without its fraction: it is still a float here.
+    restored = bucket_from_json([0, 1, 16, 2, 3, 5, 5])
+    assert (type(restored.sum), type(restored.min), type(restored.max)) == (float, float, float)
+    nan = BucketState(SECOND, 1, math.nan, None, None, T, T)
+    assert math.isnan(bucket_from_json(json.loads(bucket_json(nan))).sum)
 
 
 def test_values_convert_both_ways() -> None:

@@ -564,6 +564,10 @@ class Processor:
             view_times = await self.state.lock_light(unit.conn, dataset, kind, ids)
             await unit.catalogs_of({dataset})
             catalog = unit.catalogs[dataset]
+            segment = catalog.segments.get(segment_id)
+            if segment is not None and segment.version != version:
+                # Edited since these decisions were made: the new version's backfill decides.
+                return
             name = segment_name(dataset, segment_id)
             if catalog.dependents(segment_id) or catalog.affected_rollups(
                 [segment_dependency(name)]

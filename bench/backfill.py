@@ -65,7 +65,7 @@ async def _seed(dsn: str, profiles: int) -> None:
             """
             INSERT INTO profile.profiles (dataset, kind, profile_id, attributes)
             SELECT $1, 'user', 'p' || lpad(n::text, 7, '0'),
-                   jsonb_build_object('score', (n * 7919 % 100)::float8)
+                   jsonb_build_object('score', (n::bigint * 7919 % 100)::float8)
             FROM generate_series(0, $2 - 1) AS n
             """,
             DATASET,

@@ -74,6 +74,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 _PASSWORD_PARAM = re.compile(r"(password=)[^&;\s]*", re.IGNORECASE)
+_ANY_HOST = frozenset({"0.0.0.0", "::"})
 
 
 class ConfigError(Exception):
@@ -90,6 +91,14 @@ class Address:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def for_local_clients(self) -> Address:
+        """Where a client on the same machine reaches a server listening here: a wildcard
+        host (``0.0.0.0``, ``::``) names no address to connect to, so it becomes
+        ``127.0.0.1``, which an IPv4 or a dual-stack wildcard listener both accept."""
+        if self.host in _ANY_HOST:
+            return Address("127.0.0.1", self.port)
+        return self
 
 
 def redact_url(value: str) -> str:

@@ -3,14 +3,14 @@ keys), how it serves (TLS, mutual TLS) and how it calls the other services.
 
 :meth:`Security.from_env` applies the rules of the two ways to run:
 
-- **alone** (``python -m services.<name>``): with authentication enabled, the keys
-  (``AUDIENCE_API_KEYS`` or ``AUDIENCE_API_KEYS_FILE``) and the internal key
-  (``AUDIENCE_INTERNAL_API_KEY``) are required, and a missing one fails the start;
+- **alone** (``python -m services.<name>``): the keys (``AUDIENCE_API_KEYS`` or
+  ``AUDIENCE_API_KEYS_FILE``) and the internal key (``AUDIENCE_INTERNAL_API_KEY``) are
+  required, and a missing one fails the start;
 - **embedded** (``audience up``): with no keys configured, a development key is made once
   under the data directory and accepted for everything; the services of the one process
   call each other with a key made for the run.
 
-``AUDIENCE_AUTH=disabled`` turns authentication off, loudly.
+Authentication is on unless ``AUDIENCE_AUTH=disabled`` turns it off, which is logged loudly.
 """
 
 from __future__ import annotations
@@ -43,12 +43,6 @@ from audience.tls import ClientTls, ServerTls
 __all__ = ["DevKey", "Security"]
 
 _log = logging.getLogger(__name__)
-
-# What AUDIENCE_AUTH means when it is unset and no keys are configured. The services still
-# open their channels to each other without the internal key (they do not yet use
-# `Resources.channels`), so enabling authentication unasked would break their calls; once
-# they do, this becomes "enabled" and an unconfigured service refuses to start.
-_UNCONFIGURED: AuthMode = "disabled"
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -96,14 +90,16 @@ class Security:
                 keepalive=common.keepalive,
             )
 
-        mode = auth.mode or ("enabled" if auth.keys else _UNCONFIGURED)
+        # On unless switched off by name: a forgotten variable must never leave data open.
+        mode: AuthMode = auth.mode or "enabled"
         if mode == "disabled":
             _log.warning(
-                "AUTHENTICATION IS OFF: anyone who can reach %s may read and change every "
-                "dataset. Configure %s (docs/security.md)%s.",
+                "AUTHENTICATION IS OFF (AUDIENCE_AUTH=disabled): anyone who can reach %s may "
+                "read and change every dataset. Unset AUDIENCE_AUTH and configure %s "
+                "(docs/security.md)%s.",
                 common.listen,
                 API_KEYS_VARIABLE,
-                "; the configured keys are ignored (AUDIENCE_AUTH=disabled)" if auth.keys else "",
+                "; the configured keys are ignored" if auth.keys else "",
             )
             return cls(None, server_tls, channels(auth.internal_key))
         if not server_tls and common.listen.host not in _LOOPBACK:
@@ -115,8 +111,9 @@ class Security:
         if not embedded:
             if not auth.keys:
                 raise ConfigError(
-                    f"{API_KEYS_VARIABLE}: required when authentication is enabled (or "
-                    "AUDIENCE_API_KEYS_FILE; or AUDIENCE_AUTH=disabled to run without it)"
+                    f"{API_KEYS_VARIABLE}: required, since authentication is on by default "
+                    "(or AUDIENCE_API_KEYS_FILE; `audience keys create` makes a key and its "
+                    "entry; AUDIENCE_AUTH=disabled runs without keys, open to every caller)"
                 )
             auth.internal_entry()
             return cls(KeyRing(auth.keys), server_tls, channels(auth.internal_key))

@@ -13,8 +13,6 @@ from services.export.webhook_worker import WebhookSettings
 
 __all__ = ["ExportConfig"]
 
-_DEFAULT_PEER = Address("127.0.0.1", 50051)
-
 
 def _path(env: Env, name: str) -> Path | None:
     value = env.optional_string(name)
@@ -47,11 +45,15 @@ class ExportConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ExportConfig:
         env = Env(environ)
+        common = CommonConfig.from_env(environ)
+        # By default the peers are hosted beside this service, as `audience up` does; a
+        # deployment that runs them apart names them.
+        peer = common.listen.for_local_clients()
         positive = timedelta(milliseconds=1)
         return cls(
-            common=CommonConfig.from_env(environ),
-            segment_engine=env.address("AUDIENCE_SEGMENT_ENGINE_ADDRESS", _DEFAULT_PEER),
-            profile=env.address("AUDIENCE_PROFILE_ADDRESS", _DEFAULT_PEER),
+            common=common,
+            segment_engine=env.address("AUDIENCE_SEGMENT_ENGINE_ADDRESS", peer),
+            profile=env.address("AUDIENCE_PROFILE_ADDRESS", peer),
             export_root=_path(env, "AUDIENCE_EXPORT_ROOT"),
             jobs=JobSettings(
                 workers=env.integer("AUDIENCE_EXPORT_WORKERS", 2, minimum=1, maximum=64),

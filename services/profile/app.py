@@ -56,7 +56,9 @@ async def build(resources: Resources) -> ServiceUnit:
         pause=config.backfill_pause.total_seconds(),
     )
     pruner = Pruner(Registry(resources.postgres), interval=config.prune_interval.total_seconds())
-    memberships = Memberships(str(config.segment_engine), config.segment_timeout.total_seconds())
+    memberships = Memberships(
+        resources.channels, str(config.segment_engine), config.segment_timeout.total_seconds()
+    )
     servicer = ProfileServicer(Operations(applier, publisher, memberships))
 
     async def trim() -> None:

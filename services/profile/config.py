@@ -76,7 +76,9 @@ class ProfileConfig:
             claim_idle=env.duration(
                 "AUDIENCE_PROFILE_CLAIM_IDLE", timedelta(seconds=60), minimum=timedelta(seconds=1)
             ),
-            segment_engine=env.address("AUDIENCE_SEGMENT_ENGINE_ADDRESS", common.listen),
+            segment_engine=env.address(
+                "AUDIENCE_SEGMENT_ENGINE_ADDRESS", common.listen.for_local_clients()
+            ),
             segment_timeout=env.duration(
                 "AUDIENCE_PROFILE_SEGMENT_TIMEOUT",
                 timedelta(seconds=2),

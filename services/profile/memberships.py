@@ -7,6 +7,7 @@ import logging
 import grpc
 import grpc.aio
 
+from audience.channels import Channels
 from audience.v1 import membership_service_pb2, membership_service_pb2_grpc
 
 __all__ = ["Memberships"]
@@ -24,14 +25,15 @@ class Memberships:
     returned without its segments and the reason is logged.
     """
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, channels: Channels, address: str, timeout: float) -> None:
         self.address = address
         self.timeout = timeout
+        self._channels = channels
         self._channel: grpc.aio.Channel | None = None
 
     def _stub(self) -> membership_service_pb2_grpc.MembershipServiceStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = self._channels.open(self.address)
         return membership_service_pb2_grpc.MembershipServiceStub(self._channel)
 
     async def segments(self, member: str) -> list[str] | None:

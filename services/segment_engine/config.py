@@ -21,7 +21,8 @@ class SegmentEngineConfig:
 
     common: CommonConfig
     profile_address: Address
-    """Where ProfileService answers (rule queries and aggregate registration)."""
+    """Where ProfileService answers (rule queries and aggregate registration); by default
+    this process's own listen address."""
     change_retention: timedelta
     """How long the membership change log keeps a change; older tokens get OUT_OF_RANGE."""
     prune_interval: timedelta
@@ -54,10 +55,15 @@ class SegmentEngineConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SegmentEngineConfig:
         env = Env(environ)
+        common = CommonConfig.from_env(environ)
         default_name = f"{socket.gethostname()}-{os.getpid()}"
         return cls(
-            common=CommonConfig.from_env(environ),
-            profile_address=env.address("AUDIENCE_PROFILE_ADDRESS", Address("127.0.0.1", 50051)),
+            common=common,
+            # By default the profile service is hosted beside this one, as `audience up`
+            # does; a deployment that runs them apart names it.
+            profile_address=env.address(
+                "AUDIENCE_PROFILE_ADDRESS", common.listen.for_local_clients()
+            ),
             change_retention=env.duration(
                 f"{_P}CHANGE_RETENTION", timedelta(days=7), minimum=timedelta(seconds=1)
             ),

@@ -16,6 +16,8 @@ from redis.asyncio import Redis
 
 from audience import db
 from audience.bus.v1 import events_pb2, profile_change_pb2
+from audience.channels import Channels, ChannelSettings
+from audience.config import CommonConfig
 from audience.rules.aggregates import HOUR as HOUR_MICROS
 from audience.rules.aggregates import aggregate_id, canonical_spec
 from audience.streams import Bus, Consumer
@@ -80,7 +82,10 @@ class Rig:
         )
 
     def operations(self) -> Operations:
-        return Operations(self.worker.applier, Publisher(self.bus), Memberships("127.0.0.1:1", 0.1))
+        # Nothing answers there: profiles are read without their segments.
+        channels = Channels(ChannelSettings.from_env({}, CommonConfig.from_env({})))
+        memberships = Memberships(channels, "127.0.0.1:1", 0.1)
+        return Operations(self.worker.applier, Publisher(self.bus), memberships)
 
     async def send(self, dataset: str, *events: event_pb2.Event) -> None:
         await self.bus.publish(EVENTS, dataset, batch(dataset, events))

@@ -516,14 +516,21 @@ def _security(environ: dict[str, str], *, embedded: bool) -> Security:
     return Security.from_env(environ, common, embedded=embedded)
 
 
-def test_unconfigured_authentication_is_off_and_says_so_loudly(
-    caplog: pytest.LogCaptureFixture,
+def test_authentication_is_on_unless_disabled_by_name(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
+    with pytest.raises(ConfigError, match=r"^AUDIENCE_API_KEYS: required"):
+        _security({}, embedded=False)
+    embedded = _security({"AUDIENCE_DATA_DIR": str(tmp_path)}, embedded=True)
+    assert embedded.keys is not None
+    assert embedded.dev_key is not None
+    assert embedded.dev_key.created
+
     with caplog.at_level(logging.WARNING):
-        security = _security({}, embedded=False)
+        security = _security({"AUDIENCE_AUTH": "disabled"}, embedded=False)
 
     assert security.keys is None
-    assert "AUTHENTICATION IS OFF" in caplog.text
+    assert "AUTHENTICATION IS OFF (AUDIENCE_AUTH=disabled)" in caplog.text
 
 
 def test_a_service_alone_with_authentication_enabled_needs_keys_and_the_internal_key() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from audience.auth import generate_api_key, hash_api_key
 from audience.config import Address, CommonConfig, ConfigError, Env, redact_url
+from services.export.config import ExportConfig
+from services.profile.config import ProfileConfig
+from services.segment_engine.config import SegmentEngineConfig
 
 
 def test_defaults_when_nothing_is_set() -> None:
@@ -201,9 +206,66 @@ def test_check_command_exits_with_one_line_naming_the_bad_variable() -> None:
 
 
 def test_check_command_prints_the_effective_config_without_secrets() -> None:
-    result = _check({"AUDIENCE_POSTGRES_DSN": "postgresql://app:hunter2@db/audience"})
+    internal = generate_api_key()
+    keys = [
+        {
+            "name": "internal",
+            "sha256": hash_api_key(internal),
+            "datasets": ["*"],
+            "scopes": ["read", "write"],
+        }
+    ]
+    result = _check(
+        {
+            "AUDIENCE_POSTGRES_DSN": "postgresql://app:hunter2@db/audience",
+            "AUDIENCE_API_KEYS": json.dumps(keys),
+            "AUDIENCE_INTERNAL_API_KEY": internal,
+        }
+    )
 
     assert result.returncode == 0, result.stderr
-    assert "bus_partitions = 8" in result.stdout.splitlines()
-    assert "postgres_dsn = postgresql://app:***@db/audience" in result.stdout.splitlines()
+    lines = result.stdout.splitlines()
+    assert "bus_partitions = 8" in lines
+    assert "postgres_dsn = postgresql://app:***@db/audience" in lines
+    assert "auth = enabled; keys: internal (datasets *; scopes read,write)" in lines
+    assert "internal_api_key = set" in lines
     assert "hunter2" not in result.stdout
+    assert internal not in result.stdout
+    assert hash_api_key(internal) not in result.stdout
+
+
+def test_check_command_refuses_a_service_without_keys() -> None:
+    result = _check({})
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("configuration error: AUDIENCE_API_KEYS: required")
+
+
+def test_peer_addresses_default_to_the_process_own_listen_address() -> None:
+    # `audience up` hosts every service on one address, so a peer is wherever this process
+    # listens; a wildcard listen address is reached on the loopback.
+    for listen, expected in (
+        ("127.0.0.1:6001", "127.0.0.1:6001"),
+        ("0.0.0.0:6002", "127.0.0.1:6002"),
+        ("[::]:6003", "127.0.0.1:6003"),
+        ("[::1]:6004", "[::1]:6004"),
+        ("localhost:6005", "localhost:6005"),
+    ):
+        environ = {"AUDIENCE_LISTEN": listen}
+        assert str(SegmentEngineConfig.from_env(environ).profile_address) == expected
+        export = ExportConfig.from_env(environ)
+        assert str(export.profile) == str(export.segment_engine) == expected
+        assert str(ProfileConfig.from_env(environ).segment_engine) == expected
+
+    named = {
+        "AUDIENCE_LISTEN": "0.0.0.0:50051",
+        "AUDIENCE_PROFILE_ADDRESS": "profile:50051",
+        "AUDIENCE_SEGMENT_ENGINE_ADDRESS": "segment-engine:50051",
+    }
+    assert str(SegmentEngineConfig.from_env(named).profile_address) == "profile:50051"
+    export = ExportConfig.from_env(named)
+    assert (str(export.profile), str(export.segment_engine)) == (
+        "profile:50051",
+        "segment-engine:50051",
+    )
+    assert str(ProfileConfig.from_env(named).segment_engine) == "segment-engine:50051"

@@ -24,43 +24,50 @@ _sym_db = _symbol_database.Default()
 
 from audience.v1 import membership_pb2 as audience_dot_v1_dot_membership__pb2
 from audience.v1 import rule_pb2 as audience_dot_v1_dot_rule__pb2
+from audience.v1 import segment_pb2 as audience_dot_v1_dot_segment__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$audience/v1/membership_service.proto\x12\x0b\x61udience.v1\x1a\x1c\x61udience/v1/membership.proto\x1a\x16\x61udience/v1/rule.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x16ListMembershipsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12-\n\tread_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x17ListMembershipsResponse\x12,\n\x0bmemberships\x18\x01 \x03(\x0b\x32\x17.audience.v1.Membership\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x16\x43heckMembershipRequest\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\"Y\n\x17\x43heckMembershipResponse\x12\x11\n\tis_member\x18\x01 \x01(\x08\x12+\n\nmembership\x18\x02 \x01(\x0b\x32\x17.audience.v1.Membership\"R\n\x19ListSegmentMembersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x1aListSegmentMembersResponse\x12,\n\x0bmemberships\x18\x01 \x03(\x0b\x32\x17.audience.v1.Membership\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x1a\x43ountSegmentMembersRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\",\n\x1b\x43ountSegmentMembersResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\";\n\x18\x45xplainMembershipRequest\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\"\xc4\x01\n\x19\x45xplainMembershipResponse\x12\x13\n\x0brule_result\x18\x01 \x01(\x08\x12\x11\n\tis_member\x18\x02 \x01(\x08\x12\x31\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x1c.audience.v1.RuleExplanation\x12\x33\n\x0f\x65valuation_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fsegment_version\x18\x05 \x01(\x03\"\x81\x02\n\x1dWatchMembershipChangesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x10\n\x08segments\x18\x02 \x03(\t\x12/\n\x04kind\x18\x03 \x01(\x0e\x32!.audience.v1.MembershipChangeKind\x12\x30\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x16\n\x0cresume_token\x18\x05 \x01(\tH\x00\x12\x35\n\x12heartbeat_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\nstart_from\"\x89\x01\n\x1eWatchMembershipChangesResponse\x12/\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1d.audience.v1.MembershipChangeH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.audience.v1.HeartbeatH\x00\x42\t\n\x07message\"K\n\tHeartbeat\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf9\x04\n\x11MembershipService\x12\\\n\x0fListMemberships\x12#.audience.v1.ListMembershipsRequest\x1a$.audience.v1.ListMembershipsResponse\x12\\\n\x0f\x43heckMembership\x12#.audience.v1.CheckMembershipRequest\x1a$.audience.v1.CheckMembershipResponse\x12\x65\n\x12ListSegmentMembers\x12&.audience.v1.ListSegmentMembersRequest\x1a\'.audience.v1.ListSegmentMembersResponse\x12h\n\x13\x43ountSegmentMembers\x12\'.audience.v1.CountSegmentMembersRequest\x1a(.audience.v1.CountSegmentMembersResponse\x12\x62\n\x11\x45xplainMembership\x12%.audience.v1.ExplainMembershipRequest\x1a&.audience.v1.ExplainMembershipResponse\x12s\n\x16WatchMembershipChanges\x12*.audience.v1.WatchMembershipChangesRequest\x1a+.audience.v1.WatchMembershipChangesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$audience/v1/membership_service.proto\x12\x0b\x61udience.v1\x1a\x1c\x61udience/v1/membership.proto\x1a\x16\x61udience/v1/rule.proto\x1a\x19\x61udience/v1/segment.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x16ListMembershipsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12-\n\tread_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x17ListMembershipsResponse\x12,\n\x0bmemberships\x18\x01 \x03(\x0b\x32\x17.audience.v1.Membership\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x16\x43heckMembershipRequest\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\"Y\n\x17\x43heckMembershipResponse\x12\x11\n\tis_member\x18\x01 \x01(\x08\x12+\n\nmembership\x18\x02 \x01(\x0b\x32\x17.audience.v1.Membership\"R\n\x19ListSegmentMembersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x1aListSegmentMembersResponse\x12,\n\x0bmemberships\x18\x01 \x03(\x0b\x32\x17.audience.v1.Membership\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"c\n\x1bStreamSegmentMembersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\x12 \n\x18include_segment_versions\x18\x03 \x01(\x08\"\x9d\x01\n\x1cStreamSegmentMembersResponse\x12\x35\n\x08snapshot\x18\x01 \x01(\x0b\x32#.audience.v1.SegmentMembersSnapshot\x12\x12\n\nmember_ids\x18\x02 \x03(\t\x12\x18\n\x10join_time_micros\x18\x03 \x03(\x03\x12\x18\n\x10segment_versions\x18\x04 \x03(\x03\"\xbc\x01\n\x16SegmentMembersSnapshot\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12-\n\tread_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0csegment_kind\x18\x03 \x01(\x0e\x32\x18.audience.v1.SegmentKind\x12\x17\n\x0fsegment_version\x18\x04 \x01(\x03\x12\x14\n\x0cmember_count\x18\x05 \x01(\x03\"-\n\x1a\x43ountSegmentMembersRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\",\n\x1b\x43ountSegmentMembersResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\";\n\x18\x45xplainMembershipRequest\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\"\xc4\x01\n\x19\x45xplainMembershipResponse\x12\x13\n\x0brule_result\x18\x01 \x01(\x08\x12\x11\n\tis_member\x18\x02 \x01(\x08\x12\x31\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x1c.audience.v1.RuleExplanation\x12\x33\n\x0f\x65valuation_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fsegment_version\x18\x05 \x01(\x03\"\x81\x02\n\x1dWatchMembershipChangesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x10\n\x08segments\x18\x02 \x03(\t\x12/\n\x04kind\x18\x03 \x01(\x0e\x32!.audience.v1.MembershipChangeKind\x12\x30\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x16\n\x0cresume_token\x18\x05 \x01(\tH\x00\x12\x35\n\x12heartbeat_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\nstart_from\"\x89\x01\n\x1eWatchMembershipChangesResponse\x12/\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1d.audience.v1.MembershipChangeH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.audience.v1.HeartbeatH\x00\x42\t\n\x07message\"K\n\tHeartbeat\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe8\x05\n\x11MembershipService\x12\\\n\x0fListMemberships\x12#.audience.v1.ListMembershipsRequest\x1a$.audience.v1.ListMembershipsResponse\x12\\\n\x0f\x43heckMembership\x12#.audience.v1.CheckMembershipRequest\x1a$.audience.v1.CheckMembershipResponse\x12\x65\n\x12ListSegmentMembers\x12&.audience.v1.ListSegmentMembersRequest\x1a\'.audience.v1.ListSegmentMembersResponse\x12m\n\x14StreamSegmentMembers\x12(.audience.v1.StreamSegmentMembersRequest\x1a).audience.v1.StreamSegmentMembersResponse0\x01\x12h\n\x13\x43ountSegmentMembers\x12\'.audience.v1.CountSegmentMembersRequest\x1a(.audience.v1.CountSegmentMembersResponse\x12\x62\n\x11\x45xplainMembership\x12%.audience.v1.ExplainMembershipRequest\x1a&.audience.v1.ExplainMembershipResponse\x12s\n\x16WatchMembershipChanges\x12*.audience.v1.WatchMembershipChangesRequest\x1a+.audience.v1.WatchMembershipChangesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'audience.v1.membership_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTMEMBERSHIPSREQUEST']._serialized_start=172
-  _globals['_LISTMEMBERSHIPSREQUEST']._serialized_end=298
-  _globals['_LISTMEMBERSHIPSRESPONSE']._serialized_start=300
-  _globals['_LISTMEMBERSHIPSRESPONSE']._serialized_end=396
-  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_start=398
-  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_end=455
-  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_start=457
-  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_end=546
-  _globals['_LISTSEGMENTMEMBERSREQUEST']._serialized_start=548
-  _globals['_LISTSEGMENTMEMBERSREQUEST']._serialized_end=630
-  _globals['_LISTSEGMENTMEMBERSRESPONSE']._serialized_start=632
-  _globals['_LISTSEGMENTMEMBERSRESPONSE']._serialized_end=731
-  _globals['_COUNTSEGMENTMEMBERSREQUEST']._serialized_start=733
-  _globals['_COUNTSEGMENTMEMBERSREQUEST']._serialized_end=778
-  _globals['_COUNTSEGMENTMEMBERSRESPONSE']._serialized_start=780
-  _globals['_COUNTSEGMENTMEMBERSRESPONSE']._serialized_end=824
-  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_start=826
-  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_end=885
-  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_start=888
-  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_end=1084
-  _globals['_WATCHMEMBERSHIPCHANGESREQUEST']._serialized_start=1087
-  _globals['_WATCHMEMBERSHIPCHANGESREQUEST']._serialized_end=1344
-  _globals['_WATCHMEMBERSHIPCHANGESRESPONSE']._serialized_start=1347
-  _globals['_WATCHMEMBERSHIPCHANGESRESPONSE']._serialized_end=1484
-  _globals['_HEARTBEAT']._serialized_start=1486
-  _globals['_HEARTBEAT']._serialized_end=1561
-  _globals['_MEMBERSHIPSERVICE']._serialized_start=1564
-  _globals['_MEMBERSHIPSERVICE']._serialized_end=2197
+  _globals['_LISTMEMBERSHIPSREQUEST']._serialized_start=199
+  _globals['_LISTMEMBERSHIPSREQUEST']._serialized_end=325
+  _globals['_LISTMEMBERSHIPSRESPONSE']._serialized_start=327
+  _globals['_LISTMEMBERSHIPSRESPONSE']._serialized_end=423
+  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_start=425
+  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_end=482
+  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_start=484
+  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_end=573
+  _globals['_LISTSEGMENTMEMBERSREQUEST']._serialized_start=575
+  _globals['_LISTSEGMENTMEMBERSREQUEST']._serialized_end=657
+  _globals['_LISTSEGMENTMEMBERSRESPONSE']._serialized_start=659
+  _globals['_LISTSEGMENTMEMBERSRESPONSE']._serialized_end=758
+  _globals['_STREAMSEGMENTMEMBERSREQUEST']._serialized_start=760
+  _globals['_STREAMSEGMENTMEMBERSREQUEST']._serialized_end=859
+  _globals['_STREAMSEGMENTMEMBERSRESPONSE']._serialized_start=862
+  _globals['_STREAMSEGMENTMEMBERSRESPONSE']._serialized_end=1019
+  _globals['_SEGMENTMEMBERSSNAPSHOT']._serialized_start=1022
+  _globals['_SEGMENTMEMBERSSNAPSHOT']._serialized_end=1210
+  _globals['_COUNTSEGMENTMEMBERSREQUEST']._serialized_start=1212
+  _globals['_COUNTSEGMENTMEMBERSREQUEST']._serialized_end=1257
+  _globals['_COUNTSEGMENTMEMBERSRESPONSE']._serialized_start=1259
+  _globals['_COUNTSEGMENTMEMBERSRESPONSE']._serialized_end=1303
+  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_start=1305
+  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_end=1364
+  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_start=1367
+  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_end=1563
+  _globals['_WATCHMEMBERSHIPCHANGESREQUEST']._serialized_start=1566
+  _globals['_WATCHMEMBERSHIPCHANGESREQUEST']._serialized_end=1823
+  _globals['_WATCHMEMBERSHIPCHANGESRESPONSE']._serialized_start=1826
+  _globals['_WATCHMEMBERSHIPCHANGESRESPONSE']._serialized_end=1963
+  _globals['_HEARTBEAT']._serialized_start=1965
+  _globals['_HEARTBEAT']._serialized_end=2040
+  _globals['_MEMBERSHIPSERVICE']._serialized_start=2043
+  _globals['_MEMBERSHIPSERVICE']._serialized_end=2787
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from audience.v1 import membership_pb2 as _membership_pb2
 from audience.v1 import rule_pb2 as _rule_pb2
+from audience.v1 import segment_pb2 as _segment_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -201,6 +202,139 @@ class ListSegmentMembersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSegmentMembersResponse: _TypeAlias = ListSegmentMembersResponse  # noqa: Y015
+
+@_typing.final
+class StreamSegmentMembersRequest(_message.Message):
+    """The request of `StreamSegmentMembers`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    INCLUDE_SEGMENT_VERSIONS_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. The segment, `datasets/{dataset}/segments/{segment}`."""
+    chunk_size: _builtins.int
+    """The most members in one response, 1–10,000; 10,000 when zero. Responses hold fewer
+    when long member ids would make them larger than about 2 MiB.
+    """
+    include_segment_versions: _builtins.bool
+    """Whether responses carry `segment_versions`."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        chunk_size: _builtins.int = ...,
+        include_segment_versions: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "include_segment_versions", b"include_segment_versions", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamSegmentMembersRequest: _TypeAlias = StreamSegmentMembersRequest  # noqa: Y015
+
+@_typing.final
+class StreamSegmentMembersResponse(_message.Message):
+    """One chunk of `StreamSegmentMembers`: members as parallel columns, entry i of each column
+    describing the same member.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    MEMBER_IDS_FIELD_NUMBER: _builtins.int
+    JOIN_TIME_MICROS_FIELD_NUMBER: _builtins.int
+    SEGMENT_VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshot(self) -> Global___SegmentMembersSnapshot:
+        """The snapshot the members are read from; set in the first response only. The first
+        response may also carry members; for an empty segment it is the only response.
+        """
+
+    @_builtins.property
+    def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The members' ids: profile ids in a user segment, account ids in an account segment
+        (not resource names). Increasing in the order of their UTF-8 bytes, across responses.
+        """
+
+    @_builtins.property
+    def join_time_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """When each member joined, in microseconds since the Unix epoch (UTC).
+
+        Integers rather than `google.protobuf.Timestamp`, the rule everywhere else: a packed
+        column is copied in one step per response, where a `Timestamp` message per member is
+        built and read one by one (in Python, 0.8 µs to build and 0.3 µs to read each, over ten
+        times the cost of the rest of the row). `Timestamp.FromMicroseconds`, or its
+        equivalent in your language, makes one a `Timestamp`.
+        """
+
+    @_builtins.property
+    def segment_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The segment version each member joined under; empty unless the request asked for
+        `include_segment_versions`.
+        """
+
+    def __init__(
+        self,
+        *,
+        snapshot: Global___SegmentMembersSnapshot | None = ...,
+        member_ids: _abc.Iterable[_builtins.str] | None = ...,
+        join_time_micros: _abc.Iterable[_builtins.int] | None = ...,
+        segment_versions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["join_time_micros", b"join_time_micros", "member_ids", b"member_ids", "segment_versions", b"segment_versions", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamSegmentMembersResponse: _TypeAlias = StreamSegmentMembersResponse  # noqa: Y015
+
+@_typing.final
+class SegmentMembersSnapshot(_message.Message):
+    """The consistent view of a segment that `StreamSegmentMembers` lists."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
+    SEGMENT_KIND_FIELD_NUMBER: _builtins.int
+    SEGMENT_VERSION_FIELD_NUMBER: _builtins.int
+    MEMBER_COUNT_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """The change log position of the snapshot: `WatchMembershipChanges` from this token
+    delivers every change the listing does not hold, and none that it does.
+    """
+    segment_kind: _segment_pb2.SegmentKind.ValueType
+    """Whether the member ids are profile ids (`SEGMENT_KIND_USER`) or account ids
+    (`SEGMENT_KIND_ACCOUNT`).
+    """
+    segment_version: _builtins.int
+    """The segment's version at the snapshot."""
+    member_count: _builtins.int
+    """The segment's size at the snapshot, as `CountSegmentMembers` would have answered."""
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """When the snapshot was taken."""
+
+    def __init__(
+        self,
+        *,
+        resume_token: _builtins.str = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
+        segment_kind: _segment_pb2.SegmentKind.ValueType = ...,
+        segment_version: _builtins.int = ...,
+        member_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_count", b"member_count", "read_time", b"read_time", "resume_token", b"resume_token", "segment_kind", b"segment_kind", "segment_version", b"segment_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentMembersSnapshot: _TypeAlias = SegmentMembersSnapshot  # noqa: Y015
 
 @_typing.final
 class CountSegmentMembersRequest(_message.Message):

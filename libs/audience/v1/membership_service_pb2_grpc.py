@@ -51,6 +51,11 @@ class MembershipServiceStub:
                 request_serializer=audience_dot_v1_dot_membership__service__pb2.ListSegmentMembersRequest.SerializeToString,
                 response_deserializer=audience_dot_v1_dot_membership__service__pb2.ListSegmentMembersResponse.FromString,
                 _registered_method=True)
+        self.StreamSegmentMembers = channel.unary_stream(
+                '/audience.v1.MembershipService/StreamSegmentMembers',
+                request_serializer=audience_dot_v1_dot_membership__service__pb2.StreamSegmentMembersRequest.SerializeToString,
+                response_deserializer=audience_dot_v1_dot_membership__service__pb2.StreamSegmentMembersResponse.FromString,
+                _registered_method=True)
         self.CountSegmentMembers = channel.unary_unary(
                 '/audience.v1.MembershipService/CountSegmentMembers',
                 request_serializer=audience_dot_v1_dot_membership__service__pb2.CountSegmentMembersRequest.SerializeToString,
@@ -89,6 +94,21 @@ class MembershipServiceServicer:
 
     def ListSegmentMembers(self, request, context):
         """Lists a segment's members by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamSegmentMembers(self, request, context):
+        """Streams every member of a segment by member id, read from one consistent snapshot,
+        with the change log position of that snapshot.
+
+        For bulk readers (exports, syncs to other systems): each response carries up to
+        10,000 members as parallel columns instead of a `Membership` message each, and the
+        engine reads the next chunk while the previous one is in flight. The first response
+        carries the snapshot, whose `resume_token` continues the listing exactly with
+        `WatchMembershipChanges`. The snapshot is held until the stream ends, so read it
+        promptly and set a deadline. A missing or deleted segment fails with `NOT_FOUND`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +158,11 @@ def add_MembershipServiceServicer_to_server(servicer, server):
                     servicer.ListSegmentMembers,
                     request_deserializer=audience_dot_v1_dot_membership__service__pb2.ListSegmentMembersRequest.FromString,
                     response_serializer=audience_dot_v1_dot_membership__service__pb2.ListSegmentMembersResponse.SerializeToString,
+            ),
+            'StreamSegmentMembers': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSegmentMembers,
+                    request_deserializer=audience_dot_v1_dot_membership__service__pb2.StreamSegmentMembersRequest.FromString,
+                    response_serializer=audience_dot_v1_dot_membership__service__pb2.StreamSegmentMembersResponse.SerializeToString,
             ),
             'CountSegmentMembers': grpc.unary_unary_rpc_method_handler(
                     servicer.CountSegmentMembers,
@@ -238,6 +263,33 @@ class MembershipService:
             '/audience.v1.MembershipService/ListSegmentMembers',
             audience_dot_v1_dot_membership__service__pb2.ListSegmentMembersRequest.SerializeToString,
             audience_dot_v1_dot_membership__service__pb2.ListSegmentMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSegmentMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/audience.v1.MembershipService/StreamSegmentMembers',
+            audience_dot_v1_dot_membership__service__pb2.StreamSegmentMembersRequest.SerializeToString,
+            audience_dot_v1_dot_membership__service__pb2.StreamSegmentMembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,17 @@ class MembershipServiceStub:
     """Returns whether a profile is in a segment."""
     ListSegmentMembers: _grpc.UnaryUnaryMultiCallable[_membership_service_pb2.ListSegmentMembersRequest, _membership_service_pb2.ListSegmentMembersResponse]
     """Lists a segment's members by id."""
+    StreamSegmentMembers: _grpc.UnaryStreamMultiCallable[_membership_service_pb2.StreamSegmentMembersRequest, _membership_service_pb2.StreamSegmentMembersResponse]
+    """Streams every member of a segment by member id, read from one consistent snapshot,
+    with the change log position of that snapshot.
+
+    For bulk readers (exports, syncs to other systems): each response carries up to
+    10,000 members as parallel columns instead of a `Membership` message each, and the
+    engine reads the next chunk while the previous one is in flight. The first response
+    carries the snapshot, whose `resume_token` continues the listing exactly with
+    `WatchMembershipChanges`. The snapshot is held until the stream ends, so read it
+    promptly and set a deadline. A missing or deleted segment fails with `NOT_FOUND`.
+    """
     CountSegmentMembers: _grpc.UnaryUnaryMultiCallable[_membership_service_pb2.CountSegmentMembersRequest, _membership_service_pb2.CountSegmentMembersResponse]
     """Counts a segment's members."""
     ExplainMembership: _grpc.UnaryUnaryMultiCallable[_membership_service_pb2.ExplainMembershipRequest, _membership_service_pb2.ExplainMembershipResponse]
@@ -69,6 +80,17 @@ class MembershipServiceAsyncStub(MembershipServiceStub):
     """Returns whether a profile is in a segment."""
     ListSegmentMembers: _aio.UnaryUnaryMultiCallable[_membership_service_pb2.ListSegmentMembersRequest, _membership_service_pb2.ListSegmentMembersResponse]  # type: ignore[assignment]
     """Lists a segment's members by id."""
+    StreamSegmentMembers: _aio.UnaryStreamMultiCallable[_membership_service_pb2.StreamSegmentMembersRequest, _membership_service_pb2.StreamSegmentMembersResponse]  # type: ignore[assignment]
+    """Streams every member of a segment by member id, read from one consistent snapshot,
+    with the change log position of that snapshot.
+
+    For bulk readers (exports, syncs to other systems): each response carries up to
+    10,000 members as parallel columns instead of a `Membership` message each, and the
+    engine reads the next chunk while the previous one is in flight. The first response
+    carries the snapshot, whose `resume_token` continues the listing exactly with
+    `WatchMembershipChanges`. The snapshot is held until the stream ends, so read it
+    promptly and set a deadline. A missing or deleted segment fails with `NOT_FOUND`.
+    """
     CountSegmentMembers: _aio.UnaryUnaryMultiCallable[_membership_service_pb2.CountSegmentMembersRequest, _membership_service_pb2.CountSegmentMembersResponse]  # type: ignore[assignment]
     """Counts a segment's members."""
     ExplainMembership: _aio.UnaryUnaryMultiCallable[_membership_service_pb2.ExplainMembershipRequest, _membership_service_pb2.ExplainMembershipResponse]  # type: ignore[assignment]
@@ -112,6 +134,23 @@ class MembershipServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_membership_service_pb2.ListSegmentMembersResponse, _abc.Awaitable[_membership_service_pb2.ListSegmentMembersResponse]]:
         """Lists a segment's members by id."""
+
+    @_abc_1.abstractmethod
+    def StreamSegmentMembers(
+        self,
+        request: _membership_service_pb2.StreamSegmentMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_membership_service_pb2.StreamSegmentMembersResponse], _abc.AsyncIterator[_membership_service_pb2.StreamSegmentMembersResponse]]:
+        """Streams every member of a segment by member id, read from one consistent snapshot,
+        with the change log position of that snapshot.
+
+        For bulk readers (exports, syncs to other systems): each response carries up to
+        10,000 members as parallel columns instead of a `Membership` message each, and the
+        engine reads the next chunk while the previous one is in flight. The first response
+        carries the snapshot, whose `resume_token` continues the listing exactly with
+        `WatchMembershipChanges`. The snapshot is held until the stream ends, so read it
+        promptly and set a deadline. A missing or deleted segment fails with `NOT_FOUND`.
+        """
 
     @_abc_1.abstractmethod
     def CountSegmentMembers(

@@ -159,7 +159,7 @@ async def _client(options: argparse.Namespace) -> dict[str, Any]:
     prefix = uuid.uuid4().hex[:4]
     warm_until = time.monotonic() + options.warmup
     stop_at = warm_until + options.seconds
-    events = accepted = 0
+    events = accepted = sent = 0
     latencies: list[float] = []
     channels = [
         grpc.aio.insecure_channel(
@@ -177,7 +177,7 @@ async def _client(options: argparse.Namespace) -> dict[str, Any]:
     ]
 
     async def worker(number: int) -> None:
-        nonlocal counter, events, accepted
+        nonlocal counter, events, accepted, sent
         call = methods[number % len(methods)]
         while True:
             started = time.monotonic()
@@ -187,6 +187,7 @@ async def _client(options: argparse.Namespace) -> dict[str, Any]:
             tag = f"{prefix}{counter:08x}".encode()
             response: bytes = await call(data.replace(PLACEHOLDER, tag), timeout=120)
             finished = time.monotonic()
+            sent += options.batch
             if warm_until <= started and finished <= stop_at:
                 events += options.batch
                 latencies.append(finished - started)
@@ -202,6 +203,7 @@ async def _client(options: argparse.Namespace) -> dict[str, Any]:
     latencies.sort()
     return {
         "events": events,
+        "events_sent": sent,
         "accepted": accepted,
         "events_per_s": events / options.seconds,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
@@ -255,8 +257,15 @@ async def measured(
     cpu_before, redis_before = time.process_time(), await redis_cpu(redis)
     result = await run_client(address, mode, options)
     span = options.seconds + options.warmup
-    result["server_cpu_per_s"] = round((time.process_time() - cpu_before) / span, 2)
-    result["redis_cpu_per_s"] = round((await redis_cpu(redis) - redis_before) / span, 2)
+    server_cpu = time.process_time() - cpu_before
+    redis_cpu_used = await redis_cpu(redis) - redis_before
+    result["server_cpu_per_s"] = round(server_cpu / span, 2)
+    result["redis_cpu_per_s"] = round(redis_cpu_used / span, 2)
+    # Per event over the whole run, warm-up included: steadier than the rate, which
+    # follows whatever else the machine is doing.
+    sent = max(1, result["events_sent"])
+    result["server_us_per_event"] = round(server_cpu * 1e6 / sent, 2)
+    result["redis_us_per_event"] = round(redis_cpu_used * 1e6 / sent, 2)
     return result
 
 
@@ -445,7 +454,10 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": round(ingest["p50_ms"], 1),
         "p99_ms": round(ingest["p99_ms"], 1),
         "server_cpu_per_s": ingest["server_cpu_per_s"],
+        "server_us_per_event": ingest["server_us_per_event"],
+        "baseline_server_us_per_event": echo["server_us_per_event"],
         "redis_cpu_per_s": ingest["redis_cpu_per_s"],
+        "redis_us_per_event": ingest["redis_us_per_event"],
         "client_cpu_s": ingest["client_cpu_s"],
         "bus_entries": ingest["entries"],
         "batch": options.batch,

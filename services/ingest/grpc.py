@@ -26,6 +26,9 @@ __all__ = ["MAX_BATCH_EVENTS", "IngestServicer"]
 
 MAX_BATCH_EVENTS = 1000
 
+# The longest id whose result's length (the id's, plus 4 bytes) takes one byte.
+_MAX_SHORT_ID = 0x7F - 4
+
 _StreamItem = asyncio.Future[ingest_service_pb2.StreamEventsResponse] | Exception | None
 
 
@@ -42,24 +45,45 @@ def _path(prefix: str, field: str) -> str:
     return f"{prefix}.{field}" if field else prefix
 
 
-def _fill_results(
-    results: object,
-    events: Sequence[event_pb2.Event],
-    result: BatchResult,
-) -> None:
-    add = results.add  # type: ignore[attr-defined]
-    statuses = result.statuses
-    for index, event in enumerate(events):
-        add(event_id=event.event_id, status=statuses[index])
-    for index, problems in result.violations.items():
-        results[index].violations.extend(  # type: ignore[index]
+def _results(result: BatchResult) -> bytes:
+    """The ``results`` of a batch's response (field 1 of both responses), encoded.
+
+    Built as bytes rather than as a message per event, which the response's generated
+    class then parses: a thousandth of a call's time per result otherwise.
+    """
+    event_ids, statuses, violations = result.event_ids, result.statuses, result.violations
+    if statuses and not violations and statuses.count(statuses[0]) == len(statuses):
+        sizes = set(map(len, event_ids))
+        size = sizes.pop()
+        if not sizes and size <= _MAX_SHORT_ID and "".join(event_ids).isascii():
+            # Results alike but for the id, each id as long: one join for the lot.
+            head = "\x0a" + chr(size + 4) + "\x0a" + chr(size)
+            tail = "\x10" + chr(statuses[0])
+            return (head + (tail + head).join(event_ids) + tail).encode("latin-1")
+    return b"".join(
+        _result(event_id, statuses[index], violations.get(index), index).SerializeToString()
+        for index, event_id in enumerate(event_ids)
+    )
+
+
+def _result(
+    event_id: str, status: int, violations: Sequence[Violation] | None, index: int
+) -> ingest_service_pb2.SendEventsResponse:
+    # One result as a response holding it: its encoding is the result's as field 1.
+    response = ingest_service_pb2.SendEventsResponse()
+    added = response.results.add(
+        event_id=event_id, status=ingest_service_pb2.EventStatus.ValueType(status)
+    )
+    if violations:
+        added.violations.extend(
             common_pb2.FieldViolation(
                 field=_path(f"events[{index}]", v.field),
                 description=v.description,
                 reason=v.reason,
             )
-            for v in problems
+            for v in violations
         )
+    return response
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -135,13 +159,11 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
         dataset = parse_parent(request.parent)
         events = request.events
         _check_count(len(events))
-        result = await self._ingestor.ingest(dataset, events)
-        response = ingest_service_pb2.SendEventsResponse(
-            accepted_count=result.accepted,
-            duplicate_count=result.duplicates,
-            rejected_count=result.rejected,
-        )
-        _fill_results(response.results, events, result)
+        result = await self._ingestor.ingest(dataset, events, request.SerializeToString())
+        response = ingest_service_pb2.SendEventsResponse.FromString(_results(result))
+        response.accepted_count = result.accepted
+        response.duplicate_count = result.duplicates
+        response.rejected_count = result.rejected
         return response
 
     async def StreamEvents(  # noqa: N802
@@ -198,8 +220,8 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
                     )
                 events = request.events
                 _check_count(len(events))
-                prepared = self._ingestor.prepare(dataset, events)
-                previous = asyncio.ensure_future(self._append_after(previous, prepared, events))
+                prepared = self._ingestor.prepare(dataset, events, request.SerializeToString())
+                previous = asyncio.ensure_future(self._append_after(previous, prepared))
                 await queue.put(previous)
         except Exception as error:
             await queue.put(error)
@@ -210,7 +232,6 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
         self,
         previous: asyncio.Future[ingest_service_pb2.StreamEventsResponse] | None,
         prepared: PreparedBatch,
-        events: Sequence[event_pb2.Event],
     ) -> ingest_service_pb2.StreamEventsResponse:
         if previous is not None:
             # An earlier batch that failed ends the stream with its error; this one is
@@ -219,9 +240,7 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
             if previous.cancelled() or previous.exception() is not None:
                 raise asyncio.CancelledError
         result = await self._ingestor.append(prepared)
-        response = ingest_service_pb2.StreamEventsResponse()
-        _fill_results(response.results, events, result)
-        return response
+        return ingest_service_pb2.StreamEventsResponse.FromString(_results(result))
 
     async def ListFailedEvents(  # noqa: N802
         self,

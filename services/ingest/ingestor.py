@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from operator import methodcaller
+from typing import Protocol, cast
 
 from opentelemetry import metrics
 
@@ -22,8 +23,9 @@ from audience.streams import partition_of
 from audience.telemetry import inject
 from audience.v1 import event_pb2
 from services.ingest.appender import Appended, PartitionBatch, dedup_prefix
-from services.ingest.records import DatasetRecords, receipt_fields
+from services.ingest.records import DatasetRecords, EventFields, receipt_fields
 from services.ingest.validation import MAX_STRING_BYTES, Validator, Violation
+from services.ingest.wire import event_encodings
 
 __all__ = [
     "BatchResult",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 _DATASET = re.compile(r"[a-z0-9-]{1,63}")
+_ENCODE = methodcaller("SerializeToString")
 # Bounds the per-process caches of partitions and encoders by key and dataset.
 _CACHE_LIMIT = 100_000
 
@@ -53,11 +56,13 @@ class BatchResult:
     """The outcome of one batch.
 
     Attributes:
+        event_ids: each event's id, in order.
         statuses: one per event, in order.
         violations: what was wrong with each rejected event, by index; paths are relative
             to the event.
     """
 
+    event_ids: Sequence[str]
     statuses: list[EventStatus]
     violations: dict[int, list[Violation]]
     accepted: int
@@ -72,7 +77,7 @@ class BatchResult:
 class PreparedBatch:
     """A validated and encoded batch, ready to append."""
 
-    size: int
+    event_ids: Sequence[str]
     statuses: list[EventStatus]
     violations: dict[int, list[Violation]]
     batches: list[PartitionBatch]
@@ -128,13 +133,23 @@ class Ingestor:
         sink: appends de-duplicated partition batches.
         capacity: refuses work while the pipeline is too far behind.
         partitions: the bus's partition count.
+        clock: the receipt time, in nanoseconds since the epoch.
     """
 
-    def __init__(self, sink: Sink, capacity: Capacity, *, partitions: int) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        capacity: Capacity,
+        *,
+        partitions: int,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self._sink = sink
         self._capacity = capacity
         self._partitions = partitions
+        self._clock = clock
         self._validator = Validator()
+        self._fields = EventFields()
         self._partition_cache: dict[str, int] = {}
         self._records: dict[str, DatasetRecords] = {}
         self._dedup_prefixes: dict[tuple[str, int], str] = {}
@@ -151,64 +166,114 @@ class Ingestor:
         """Raises ``RESOURCE_EXHAUSTED`` when the pipeline is too far behind."""
         self._capacity.check()
 
-    async def ingest(self, dataset: str, events: Sequence[event_pb2.Event]) -> BatchResult:
+    async def ingest(
+        self, dataset: str, events: Sequence[event_pb2.Event], encoded: bytes | None = None
+    ) -> BatchResult:
         """Validates, normalises and appends events; returns each one's status, in order.
 
-        The events are normalised in place. Returns only once every accepted event is on
-        the bus.
+        Events that need the full check are normalised in place. Returns only once every
+        accepted event is on the bus.
+
+        Args:
+            dataset: the dataset the events go to.
+            events: the events.
+            encoded: the request holding them, as it came (see :meth:`prepare`).
 
         Raises:
             AudienceError: ``RESOURCE_EXHAUSTED`` under backpressure (nothing appended);
                 ``UNAVAILABLE`` when the bus cannot be reached.
         """
-        return await self.append(self.prepare(dataset, events))
+        return await self.append(self.prepare(dataset, events, encoded))
 
-    def prepare(self, dataset: str, events: Sequence[event_pb2.Event]) -> PreparedBatch:
+    def prepare(
+        self, dataset: str, events: Sequence[event_pb2.Event], encoded: bytes | None = None
+    ) -> PreparedBatch:
         """Validates, normalises and encodes a batch: the part of :meth:`ingest` before
         the append, for callers that prepare a batch while an earlier one is appended.
+
+        Args:
+            dataset: the dataset the events go to.
+            events: the events.
+            encoded: the request holding them as field 2, as it came, if the caller has
+                it (``SendEventsRequest``, ``StreamEventsRequest``): each event's own
+                encoding is then read from it instead of encoding each event anew.
 
         Raises:
             AudienceError: ``RESOURCE_EXHAUSTED`` under backpressure.
         """
         self._capacity.check()
-        received_ns = time.time_ns()
-        received = receipt_fields(received_ns, timestamp=False)
-        received_as_time = receipt_fields(received_ns, timestamp=True)
-        check = self._validator.check
+        received_ns = self._clock()
+        encodings = event_encodings(encoded) if encoded is not None else []
+        if len(encodings) != len(events):
+            # No request, or one whose field 2 is a single event written more than once.
+            encodings = list(map(_ENCODE, events))
+        checked = self._validator.check_batch(events, encodings, received_ns)
+        violations = checked.violations
         check_encoded = self._validator.check_encoded
-        record = self._dataset_records(dataset).record
-        partition_of_key = self._partition_cache.get
+        for index in sorted(checked.rewritten):
+            encoding = events[index].SerializeToString()
+            if len(encoding) > MAX_STRING_BYTES:
+                problems = check_encoded(events[index], len(encoding))
+                if problems is not None:
+                    violations[index] = problems
+                    continue
+            encodings[index] = encoding
         statuses = [EventStatus.ACCEPTED] * len(events)
-        violations: dict[int, list[Violation]] = {}
-        batches: dict[int, PartitionBatch] = {}
-        prefixes: dict[int, str] = {}
-        for index, event in enumerate(events):
-            problems = check(event, received_ns)
-            if problems is None:
-                encoded = event.SerializeToString()
-                if len(encoded) > MAX_STRING_BYTES:
-                    problems = check_encoded(event, len(encoded))
-            if problems is not None:
-                statuses[index] = EventStatus.REJECTED
-                violations[index] = problems
-                continue
-            # The partition key; see validation.partition_key, inlined on the hot path.
-            key = event.user_id or event.anonymous_id or "account:" + event.account_id
-            partition = partition_of_key(key)
-            if partition is None:
-                partition = self._partition(key)
-            batch = batches.get(partition)
-            if batch is None:
-                batch = batches[partition] = PartitionBatch(partition, [], [], [])
-                prefixes[partition] = self._dedup_prefix(dataset, partition)
-            batch.keys.append(prefixes[partition] + event.event_id)
-            batch.records.append(
-                record(encoded, received if event.HasField("timestamp") else received_as_time)
-            )
-            batch.positions.append(index)
-        return PreparedBatch(
-            len(events), statuses, violations, list(batches.values()), _headers_json()
+        for index in violations:
+            statuses[index] = EventStatus.REJECTED
+        # Whole columns at a time, the valid events' only.
+        valid = (
+            [i for i in range(len(events)) if i not in violations]
+            if violations
+            else range(len(events))
         )
+        keys = list(map(checked.keys.__getitem__, valid))
+        fields = self._fields
+        records = self._dataset_records(dataset).records(
+            list(map(encodings.__getitem__, valid)),
+            (
+                fields.names(list(map(checked.names.__getitem__, valid))),
+                fields.timestamps(
+                    list(map(checked.seconds.__getitem__, valid)),
+                    list(map(checked.nanos.__getitem__, valid)),
+                ),
+            ),
+            receipt_fields(received_ns, timestamp=False),
+        )
+        cached = list(map(self._partition_cache.get, keys))
+        partitions = (
+            [
+                self._partition(key) if partition is None else partition
+                for partition, key in zip(cached, keys, strict=True)
+            ]
+            if None in cached
+            else cast("list[int]", cached)
+        )
+        grouped: dict[int, list[int]] = {}
+        for position, partition in enumerate(partitions):
+            group = grouped.get(partition)
+            if group is None:
+                grouped[partition] = [position]
+            else:
+                group.append(position)
+        event_ids = checked.event_ids
+        batches = []
+        for partition, positions in grouped.items():
+            indexes = list(map(valid.__getitem__, positions))
+            batches.append(
+                PartitionBatch(
+                    partition,
+                    list(
+                        map(
+                            self._dedup_prefix(dataset, partition).__add__,
+                            map(event_ids.__getitem__, indexes),
+                        )
+                    ),
+                    list(map(records.__getitem__, positions)),
+                    indexes,
+                )
+            )
+        return PreparedBatch(event_ids, statuses, violations, batches, _headers_json())
 
     async def append(self, prepared: PreparedBatch) -> BatchResult:
         """Appends a prepared batch; returns each event's status, in order.
@@ -226,7 +291,7 @@ class Ingestor:
                 for duplicate in outcome.duplicates:
                     statuses[positions[duplicate]] = EventStatus.DUPLICATE
                 duplicates += len(outcome.duplicates)
-        accepted = prepared.size - duplicates - len(violations)
+        accepted = len(prepared.event_ids) - duplicates - len(violations)
         count = self._count
         attributes = self._attributes
         if accepted:
@@ -235,7 +300,7 @@ class Ingestor:
             count(duplicates, attributes[EventStatus.DUPLICATE])
         if violations:
             count(len(violations), attributes[EventStatus.REJECTED])
-        return BatchResult(statuses, violations, accepted, duplicates)
+        return BatchResult(prepared.event_ids, statuses, violations, accepted, duplicates)
 
     def _partition(self, key: str) -> int:
         cache = self._partition_cache

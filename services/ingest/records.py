@@ -14,13 +14,21 @@ What ingest sets on every event of a call, the receipt time, is encoded once per
 appended to each event's encoding (:func:`receipt_fields`): protobuf parsers take the last
 occurrence of a field and merge repeated occurrences of a message field, and the appended
 ``Timestamp`` writes both its fields explicitly, so the parsed event has exactly these
-times whatever the client sent. That saves setting a message field on every event; the
-price is that such an encoding is valid but not canonical (a field out of order).
+times whatever the client sent. What validation sets on one event (its skew-corrected
+``timestamp``, the fixed ``name`` of its type) is appended the same way
+(:class:`EventFields`), to the event's encoding as the client sent it. That saves setting
+message fields and encoding each event again; the price is that such an encoding is valid
+but not canonical (fields out of order, or twice).
 """
 
 from __future__ import annotations
 
-__all__ = ["DatasetRecords", "receipt_fields", "varint"]
+from collections.abc import Sequence
+from itertools import repeat
+from operator import add
+from typing import cast
+
+__all__ = ["DatasetRecords", "EventFields", "receipt_fields", "varint", "varints"]
 
 # Lengths below 2**14 (two varint bytes) cover every event under the 64 KiB limit but the
 # largest; a table lookup is several times faster than computing them.
@@ -29,10 +37,14 @@ _VARINTS = tuple(
     bytes((n,)) if n < 0x80 else bytes((n & 0x7F | 0x80, n >> 7)) for n in range(_SMALL)
 )
 
+# The low 14 bits of a longer varint: two bytes, each with its continuation bit set.
+_LOW_BITS = tuple(bytes((n & 0x7F | 0x80, n >> 7 | 0x80)) for n in range(_SMALL))
+
 _BATCH_EVENTS_TAG = b"\x0a"  # EventBatch.events, field 1, length-delimited
 _DATASET_TAG = b"\x0a"  # IngestedEvent.dataset, field 1, length-delimited
 _EVENT_TAG = b"\x12"  # IngestedEvent.event, field 2, length-delimited
 _REPLAY_COUNT_TAG = b"\x18"  # IngestedEvent.replay_count, field 3, varint
+_NAME_TAG = b"\x1a"  # Event.name, field 3, length-delimited
 _TIMESTAMP_TAG = b"\x3a"  # Event.timestamp, field 7, length-delimited
 _RECEIVED_AT_TAG = b"\x4a"  # Event.received_at, field 9, length-delimited
 _NS = 1_000_000_000
@@ -66,6 +78,54 @@ def receipt_fields(received_at_ns: int, *, timestamp: bool) -> bytes:
     field = varint(len(value)) + value
     received = _RECEIVED_AT_TAG + field
     return _TIMESTAMP_TAG + field + received if timestamp else received
+
+
+class EventFields:
+    """Encodes ``Event`` fields to append to events' encodings, replacing the client's;
+    each method encodes one field for all the events of a call."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        self._names: dict[str, bytes] = {"": b""}
+
+    def timestamps(self, seconds: Sequence[int], nanos: Sequence[int]) -> list[bytes]:
+        """Returns ``timestamp`` set to each time: seconds since the epoch (≥ 0) and nanos.
+
+        Both fields are written (a zero included), so they replace whatever the event had.
+        ``nanos`` always takes five bytes, the last groups of seven bits perhaps zero: a
+        longer varint than protobuf writes, which every parser reads.
+        """
+        # The events of a call are seconds apart at most: each distinct second is encoded
+        # once, with the tags and length around it.
+        heads = {
+            second: _TIMESTAMP_TAG + _VARINTS[len(value) + 7] + b"\x08" + value + b"\x10"
+            for second in set(seconds)
+            for value in (varint(second),)
+        }
+        low, top = _LOW_BITS, _VARINTS
+        return [
+            heads[second] + low[nano & 0x3FFF] + low[nano >> 14 & 0x3FFF] + top[nano >> 28]
+            for second, nano in zip(seconds, nanos, strict=True)
+        ]
+
+    def names(self, names: Sequence[str]) -> list[bytes]:
+        """Returns ``name`` set to each name, or nothing for an empty one."""
+        cached = list(map(self._names.get, names))
+        if None in cached:
+            return [
+                self._name(name) if field is None else field
+                for field, name in zip(cached, names, strict=True)
+            ]
+        return cast("list[bytes]", cached)
+
+    def _name(self, name: str) -> bytes:
+        if len(self._names) >= _SMALL:
+            self._names.clear()
+            self._names[""] = b""
+        encoded = name.encode()
+        field = self._names[name] = _NAME_TAG + varint(len(encoded)) + encoded
+        return field
 
 
 class DatasetRecords:
@@ -109,3 +169,46 @@ class DatasetRecords:
         return b"".join(
             (_BATCH_EVENTS_TAG, inner_varint, self._prefix, _EVENT_TAG, size_varint, event, suffix)
         )
+
+    def records(
+        self, events: Sequence[bytes], suffixes: Sequence[Sequence[bytes]], tail: bytes = b""
+    ) -> list[bytes]:
+        """Returns the record of each event (see :meth:`record`).
+
+        Args:
+            events: each event's encoding.
+            suffixes: columns of ``Event`` fields, each appended to each event in turn.
+            tail: ``Event`` fields appended last to every event.
+        """
+        sizes = list(map(len, events))
+        for column in suffixes:
+            sizes = list(map(add, sizes, map(len, column)))
+        if tail:
+            sizes = list(map(add, sizes, repeat(len(tail))))
+        size_varints = varints(sizes)
+        inner_varints = varints(
+            list(map(add, map(add, sizes, map(len, size_varints)), repeat(self._prefix_length)))
+        )
+        return list(
+            map(
+                b"".join,
+                zip(
+                    repeat(_BATCH_EVENTS_TAG),
+                    inner_varints,
+                    repeat(self._prefix),
+                    repeat(_EVENT_TAG),
+                    size_varints,
+                    events,
+                    *suffixes,
+                    repeat(tail),
+                    strict=False,
+                ),
+            )
+        )
+
+
+def varints(values: list[int]) -> list[bytes]:
+    """Returns the varint encoding of each non-negative integer."""
+    if max(values, default=0) < _SMALL:
+        return list(map(_VARINTS.__getitem__, values))
+    return list(map(varint, values))

@@ -39,11 +39,23 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, methodcaller
 from typing import Any
 
 from audience.v1 import common_pb2, event_pb2
+from services.ingest.patterns import (
+    CAMPAIGN,
+    IDENTITY,
+    ITEM,
+    KEY_CHARACTER,
+    SIMPLE_ENTRY,
+    SMALLEST,
+    all_match,
+)
+from services.ingest.wire import Columns, Times, columns
 
 __all__ = [
     "FIXED_NAMES",
@@ -54,6 +66,7 @@ __all__ = [
     "MAX_LIST_VALUES",
     "MAX_MAP_ENTRIES",
     "MAX_STRING_BYTES",
+    "CheckedBatch",
     "Validator",
     "Violation",
     "correct_skew",
@@ -78,10 +91,12 @@ _MIN_TIMESTAMP_SECONDS = -62_135_596_800
 _MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-_KEY = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+_KEY = re.compile(KEY_CHARACTER.decode() + "{1,128}")
 _IDENTITY_TYPE = re.compile(r"[a-z0-9_]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _COUNTRY = re.compile(r"[A-Za-z]{2}")
+# The currencies most events carry, checked without the pattern (which they match).
+_CURRENCIES = frozenset({"USD", "EUR", "GBP", "JPY", "CNY", "CAD", "AUD", "CHF", "INR", "BRL"})
 
 # Each cache of names already seen to be valid stays below this many entries, so a client
 # sending random names cannot grow it without bound.
@@ -123,8 +138,45 @@ _CAMPAIGN_ACTIONS = frozenset(event_pb2.CampaignAction.values()) - {0}
 _REQUIRED_PAYLOADS = frozenset(kind for kind, (_, required) in _PAYLOADS.items() if required)
 
 _SCALAR_KINDS = frozenset({"null_value", "string_value", "bool_value"})
+_FLAT_KINDS = _SCALAR_KINDS | {"number_value"}
 
 _isfinite = math.isfinite
+
+# The (type, name, payload) heads that check_batch proves with one set operation: every
+# fixed type, named or not, with each payload it may carry. Track events are proved by
+# their name; account updates, whose required fields and partition key differ, get the
+# full check.
+_FIXED_HEADS = frozenset(
+    (kind, name, payload)
+    for kind, fixed in FIXED_NAMES.items()
+    if kind != ACCOUNT_UPDATE
+    for name in ("", fixed)
+    for payload in ((_PAYLOADS[kind][0],) if _PAYLOADS[kind][1] else (None, _PAYLOADS[kind][0]))
+)
+
+# Readers of fields of many events: operator's getters run in C.
+_EVENT_ID_OF = attrgetter("event_id")
+_TYPE_OF = attrgetter("type")
+_NAMES_OF = attrgetter("name", "user_id", "anonymous_id")
+_HAS_TIMESTAMP = methodcaller("HasField", "timestamp")
+_HAS_SENT_AT = methodcaller("HasField", "sent_at")
+_PAYLOAD_OF = methodcaller("WhichOneof", "payload")
+_PROPERTIES_OF = attrgetter("properties")
+_TIMES_OF = attrgetter("timestamp", "sent_at")
+_TIME_OF = attrgetter("seconds", "nanos")
+_ITEM_OF = attrgetter("product_id", "price", "quantity")
+
+# An event encoded in at most this many bytes needs no size or string-length check, even
+# with what normalisation appends (a fixed name, a corrected timestamp).
+_SMALL_EVENT_BYTES = MAX_STRING_BYTES - 64
+# Events this small cannot hold more entries, items or identities than the limits allow,
+# if each is simple (see services.ingest.patterns.SMALLEST).
+_FEW_ENTRIES_BYTES = SMALLEST[SIMPLE_ENTRY] * MAX_MAP_ENTRIES
+_FEW_PAYLOAD_VALUES_BYTES = min(
+    SMALLEST[SIMPLE_ENTRY] * MAX_MAP_ENTRIES,
+    SMALLEST[ITEM] * MAX_ITEMS,
+    SMALLEST[IDENTITY] * MAX_IDENTITIES,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +192,37 @@ class Violation:
     field: str
     reason: str
     description: str
+
+
+@dataclass(slots=True)
+class CheckedBatch:
+    """What :meth:`Validator.check_batch` found in the events of a call, by index.
+
+    Valid events are not written to: what :meth:`Validator.check` would set on each is
+    returned as data, for the encoder to append to the event's own encoding (see
+    :mod:`services.ingest.records`). The events that needed the full check were
+    normalised in place instead, and are listed in ``rewritten``.
+
+    Attributes:
+        event_ids: each event's id.
+        keys: each valid event's partition key (see :func:`partition_key`).
+        seconds: each valid event's ``timestamp`` once normalised (its own, corrected for
+            clock skew when it has a ``sent_at``, or the receipt time when it has none):
+            its seconds since the epoch,
+        nanos: and its nanoseconds.
+        names: the ``name`` each valid event gets, or "" to keep its own.
+        rewritten: valid events normalised in place, to encode anew (their ``names`` are
+            "").
+        violations: what is wrong with each invalid event.
+    """
+
+    event_ids: Sequence[str]
+    keys: list[str]
+    seconds: list[int]
+    nanos: list[int]
+    names: list[str]
+    rewritten: set[int]
+    violations: dict[int, list[Violation]]
 
 
 def partition_key(event: event_pb2.Event) -> str:
@@ -210,6 +293,7 @@ class Validator:
         self._keys: set[str] = set()
         # Only 249 codes exist, so this cache needs no bound.
         self._countries: set[str] = set()
+        self._identity_types: set[str] = set()
         self._event = event_pb2.Event()
         self._sized = False
 
@@ -232,6 +316,347 @@ class Validator:
             self._keys.clear()
         self._keys.add(key)
         return True
+
+    def check_batch(
+        self,
+        events: Sequence[event_pb2.Event],
+        encodings: Sequence[bytes],
+        received_at_ns: int,
+    ) -> CheckedBatch:
+        """Checks the events of a call and says how each valid one is normalised.
+
+        Reaches the verdicts of :meth:`check` and :meth:`check_encoded` on each event. The
+        common case is proved with a few field reads per event and checks over whole
+        columns (see :mod:`services.ingest.wire` and :mod:`services.ingest.patterns`); an
+        event these cannot prove valid (an unusual value, valid or not, or a large event)
+        gets :meth:`check`.
+
+        Args:
+            events: the events, as the client sent them.
+            encodings: each event's encoding.
+            received_at_ns: the receipt time, nanoseconds since the epoch.
+        """
+        count = len(events)
+        found = columns(encodings) if count else None
+        if found is None:
+            return self._check_each(events, received_at_ns, set(range(count)))
+        suspects: set[int] = set()
+        event_ids = found.event_ids
+        if event_ids is None:
+            event_ids = list(map(_EVENT_ID_OF, events))
+        kinds = found.types
+        if kinds is None:
+            kinds = list(map(_TYPE_OF, events))
+        names, users, anonymous = zip(*map(_NAMES_OF, events), strict=True)
+        if min(map(len, event_ids)) == 0 or max(map(len, event_ids)) > MAX_ID_CHARS:
+            suspects.update(i for i, v in enumerate(event_ids) if not 0 < len(v) <= MAX_ID_CHARS)
+        for column in (users, anonymous):
+            if max(map(len, column)) > MAX_ID_CHARS:
+                suspects.update(i for i, v in enumerate(column) if len(v) > MAX_ID_CHARS)
+        if max(map(len, found.account_ids), default=0) > MAX_ID_CHARS:
+            suspects.update(
+                i for i, event in enumerate(events) if len(event.account_id) > MAX_ID_CHARS
+            )
+        keys = [user or visitor for user, visitor in zip(users, anonymous, strict=True)]
+        if not all(keys):
+            suspects.update(i for i, key in enumerate(keys) if not key)
+        sizes = list(map(len, encodings))
+        if max(sizes) > _SMALL_EVENT_BYTES:
+            suspects.update(i for i, size in enumerate(sizes) if size > _SMALL_EVENT_BYTES)
+        payloads = list(map(_PAYLOAD_OF, events))
+        self._check_heads(kinds, names, payloads, suspects)
+        self._check_properties(found, events, sizes, suspects)
+        self._check_payloads(found, events, kinds, payloads, sizes, suspects)
+        self._check_contexts(found, events, suspects)
+        seconds, nanos = self._check_times(found, events, received_at_ns, suspects)
+        fixed_names = [
+            "" if name or kind == TRACK else FIXED_NAMES.get(kind, "")
+            for kind, name in zip(kinds, names, strict=True)
+        ]
+        checked = CheckedBatch(event_ids, keys, seconds, nanos, fixed_names, set(), {})
+        return self._check_suspects(events, received_at_ns, suspects, checked)
+
+    def _check_each(
+        self, events: Sequence[event_pb2.Event], received_at_ns: int, suspects: set[int]
+    ) -> CheckedBatch:
+        """Every event through :meth:`check`."""
+        count = len(events)
+        checked = CheckedBatch(
+            list(map(_EVENT_ID_OF, events)),
+            [""] * count,
+            [0] * count,
+            [0] * count,
+            [""] * count,
+            set(),
+            {},
+        )
+        return self._check_suspects(events, received_at_ns, suspects, checked)
+
+    def _check_suspects(
+        self,
+        events: Sequence[event_pb2.Event],
+        received_at_ns: int,
+        suspects: set[int],
+        checked: CheckedBatch,
+    ) -> CheckedBatch:
+        """Runs :meth:`check` on each suspect, and records the outcome in ``checked``."""
+        violations = checked.violations
+        for index in sorted(suspects):
+            event = events[index]
+            problems = self.check(event, received_at_ns)
+            if problems is None:
+                checked.keys[index] = partition_key(event)
+                if event.HasField("timestamp"):
+                    checked.seconds[index], checked.nanos[index] = _TIME_OF(event.timestamp)
+                else:
+                    checked.seconds[index], checked.nanos[index] = divmod(received_at_ns, _NS)
+                checked.names[index] = ""
+                checked.rewritten.add(index)
+            else:
+                violations[index] = problems
+        return checked
+
+    def _check_heads(
+        self,
+        kinds: Sequence[int],
+        names: Sequence[str],
+        payloads: Sequence[str | None],
+        suspects: set[int],
+    ) -> None:
+        """Checks each event's type, name and payload kind together."""
+        unproved = set(zip(kinds, names, payloads, strict=True)) - _FIXED_HEADS
+        if not unproved:
+            return
+        names_seen = self._names
+        bad = {
+            head
+            for head in unproved
+            if not (
+                head[0] == TRACK
+                and head[2] is None
+                and (head[1] in names_seen or self._name_ok(head[1]))
+            )
+        }
+        if bad:
+            suspects.update(
+                i for i, head in enumerate(zip(kinds, names, payloads, strict=True)) if head in bad
+            )
+
+    def _check_properties(
+        self,
+        found: Columns,
+        events: Sequence[event_pb2.Event],
+        sizes: list[int],
+        suspects: set[int],
+    ) -> None:
+        if all_match(SIMPLE_ENTRY, found.properties_encoded):
+            if max(sizes) > _FEW_ENTRIES_BYTES:
+                suspects.update(
+                    i
+                    for i, size in enumerate(sizes)
+                    if size > _FEW_ENTRIES_BYTES and len(events[i].properties) > MAX_MAP_ENTRIES
+                )
+            return
+        # Something else somewhere (a nested value, say): each event's own.
+        keys_seen = self._keys
+        for index, properties in enumerate(map(_PROPERTIES_OF, events)):
+            if not properties or index in suspects:
+                continue
+            if len(properties) > MAX_MAP_ENTRIES:
+                suspects.add(index)
+                continue
+            for key in properties:
+                if key not in keys_seen and not self._key_ok(key):
+                    break
+                value = properties[key]
+                kind = value.WhichOneof("kind")
+                if kind in _SCALAR_KINDS or (
+                    kind == "number_value" and _isfinite(value.number_value)
+                ):
+                    continue
+                break
+            else:
+                continue
+            suspects.add(index)
+
+    def _check_payloads(
+        self,
+        found: Columns,
+        events: Sequence[event_pb2.Event],
+        kinds: Sequence[int],
+        payloads: list[str | None],
+        sizes: list[int],
+        suspects: set[int],
+    ) -> None:
+        carrying = [i for i, p in enumerate(payloads) if p is not None and i not in suspects]
+        if not carrying:
+            return
+        if self._payloads_fine(found):
+            # Every value present is valid; what a column cannot show is left: a required
+            # order id (an order's only required field that may be missing) and the counts
+            # a large event may exceed.
+            each = [
+                i
+                for i in carrying
+                if sizes[i] > _FEW_PAYLOAD_VALUES_BYTES
+                or (
+                    payloads[i] == "order" and not 0 < len(events[i].order.order_id) <= MAX_ID_CHARS
+                )
+            ]
+        else:
+            each = carrying
+        for index in each:
+            if not self._payload_fine(events[index], kinds[index], payloads[index]):
+                suspects.add(index)
+
+    def _payloads_fine(self, found: Columns) -> bool:
+        """Whether every payload value present is valid (see :mod:`services.ingest.wire`)."""
+        currencies = set(found.currencies)
+        if not currencies <= _CURRENCIES and not all(map(_CURRENCY.fullmatch, currencies)):
+            return False
+        return (
+            _all_within(found.amounts, 0.0, math.inf)
+            and all_match(ITEM, found.items_encoded)
+            and all_match(IDENTITY, found.identities_encoded)
+            and all_match(CAMPAIGN, found.campaigns_encoded)
+            and all_match(SIMPLE_ENTRY, found.traits_encoded)
+        )
+
+    def _payload_fine(self, event: event_pb2.Event, kind: int, present: str | None) -> bool:
+        self._event = event
+        self._sized = False
+        out: list[Violation] = []
+        try:
+            self._payload(event, kind, present, out)
+        except _TooLargeError:
+            return False
+        return not out
+
+    def _check_contexts(
+        self, found: Columns, events: Sequence[event_pb2.Event], suspects: set[int]
+    ) -> None:
+        if self._contexts_fine(found):
+            return
+        # Something to report or to normalise somewhere: find the events.
+        for index, event in enumerate(events):
+            if (
+                index not in suspects
+                and event.HasField("context")
+                and not self._context_fine(event.context)
+            ):
+                suspects.add(index)
+
+    def _contexts_fine(self, found: Columns) -> bool:
+        """Whether every context field present is valid and needs no normalisation."""
+        countries = set(found.countries)
+        known = self._countries
+        if not countries <= known:
+            for country in countries - known:
+                if _COUNTRY.fullmatch(country) and country.isupper():
+                    known.add(country)
+            if not countries <= known:
+                return False
+        return (
+            set(found.channels) <= _CHANNELS
+            and set(found.device_types) <= _DEVICE_TYPES
+            and set(found.conditions) <= _WEATHER
+            and _all_within(found.latitudes, -90.0, 90.0)
+            and _all_within(found.longitudes, -180.0, 180.0)
+            and _all_within(found.temperatures, -100.0, 100.0)
+        )
+
+    def _context_fine(self, context: event_pb2.Context) -> bool:
+        """Whether :meth:`_context` would find nothing to report nor to normalise."""
+        if context.channel not in _CHANNELS or context.device.type not in _DEVICE_TYPES:
+            return False
+        if context.HasField("location"):
+            location = context.location
+            country = location.country
+            if country and country not in self._countries:
+                return False
+            if location.HasField("point"):
+                point = location.point
+                if not (
+                    _within(point.latitude, -90.0, 90.0) and _within(point.longitude, -180.0, 180.0)
+                ):
+                    return False
+        if context.HasField("weather"):
+            weather = context.weather
+            if weather.condition not in _WEATHER:
+                return False
+            if weather.HasField("temperature_celsius"):
+                return _within(weather.temperature_celsius, -100.0, 100.0)
+        return True
+
+    def _check_times(
+        self,
+        found: Columns,
+        events: Sequence[event_pb2.Event],
+        received_at_ns: int,
+        suspects: set[int],
+    ) -> tuple[list[int], list[int]]:
+        """The ``timestamp`` of each event once normalised, as seconds and nanos (see
+        :class:`CheckedBatch`); the events whose times :meth:`_times` would report on are
+        added to ``suspects``."""
+        stamps, sent = found.timestamps, found.sent_at
+        # Columns in bulk when the events of a call are alike, all with a time or none;
+        # a time set to all zeros shows only to HasField.
+        if stamps is None or sent is None or not _valid_times(stamps) or not _valid_times(sent):
+            return self._check_times_each(events, received_at_ns, suspects)
+        if not sent.seconds and any(map(_HAS_SENT_AT, events)):
+            return self._check_times_each(events, received_at_ns, suspects)
+        count = len(events)
+        if not stamps.seconds:
+            if any(map(_HAS_TIMESTAMP, events)):
+                return self._check_times_each(events, received_at_ns, suspects)
+            received_seconds, received_nanos = divmod(received_at_ns, _NS)
+            return [received_seconds] * count, [received_nanos] * count
+        if sent.seconds:
+            values = [
+                received_at_ns - (ss * _NS + sn - s * _NS - n)
+                for s, n, ss, sn in zip(
+                    stamps.seconds, stamps.nanos, sent.seconds, sent.nanos, strict=True
+                )
+            ]
+        else:
+            values = [s * _NS + n for s, n in zip(stamps.seconds, stamps.nanos, strict=True)]
+        latest = received_at_ns + _FUTURE_TOLERANCE_NS
+        earliest = _MIN_EVENT_SECONDS * _NS
+        if min(values) < earliest or max(values) > latest:
+            suspects.update(i for i, v in enumerate(values) if not earliest <= v <= latest)
+        seconds, nanos = zip(*map(divmod, values, repeat(_NS)), strict=True)
+        return list(seconds), list(nanos)
+
+    def _check_times_each(
+        self, events: Sequence[event_pb2.Event], received_at_ns: int, suspects: set[int]
+    ) -> tuple[list[int], list[int]]:
+        times = [received_at_ns] * len(events)
+        latest = received_at_ns + _FUTURE_TOLERANCE_NS
+        earliest = _MIN_EVENT_SECONDS * _NS
+        for index, (stamp, sent) in enumerate(map(_TIMES_OF, events)):
+            seconds, nanos = _TIME_OF(stamp)
+            sent_seconds, sent_nanos = _TIME_OF(sent)
+            # A time set to all zeros reads like an unset one: HasField tells them apart.
+            has_sent = bool(sent_seconds or sent_nanos) or events[index].HasField("sent_at")
+            if has_sent and not (
+                _MIN_EVENT_SECONDS <= sent_seconds <= _MAX_TIMESTAMP_SECONDS
+                and 0 <= sent_nanos < _NS
+            ):
+                suspects.add(index)
+            elif not (seconds or nanos or events[index].HasField("timestamp")):
+                continue
+            elif not (_MIN_EVENT_SECONDS <= seconds <= _MAX_TIMESTAMP_SECONDS and 0 <= nanos < _NS):
+                suspects.add(index)
+            else:
+                value = seconds * _NS + nanos
+                if has_sent:
+                    value = correct_skew(value, sent_seconds * _NS + sent_nanos, received_at_ns)
+                if earliest <= value <= latest:
+                    times[index] = value
+                else:
+                    suspects.add(index)
+        columns = list(zip(*map(divmod, times, repeat(_NS)), strict=True))
+        return list(columns[0]), list(columns[1])
 
     def check(self, event: event_pb2.Event, received_at_ns: int) -> list[Violation] | None:
         """Returns what is wrong with an event, or None when it is valid so far.
@@ -420,17 +845,26 @@ class Validator:
                 )
             )
             return
+        types_seen = self._identity_types
         for index, identity in enumerate(identities):
+            kind, value = identity.type, identity.value
+            if kind in types_seen and 0 < len(value) <= 256:
+                continue
             path = f"identify.identities[{index}]"
-            if not _IDENTITY_TYPE.fullmatch(identity.type):
-                out.append(
-                    Violation(
-                        f"{path}.type",
-                        "INVALID_IDENTITY_TYPE",
-                        "Must be 1–64 characters of lower-case letters, digits and '_'.",
+            if kind not in types_seen:
+                if _IDENTITY_TYPE.fullmatch(kind):
+                    # At most 37**64 names could match, so the cache is bounded by count.
+                    if len(types_seen) >= _CACHE_LIMIT:
+                        types_seen.clear()
+                    types_seen.add(kind)
+                else:
+                    out.append(
+                        Violation(
+                            f"{path}.type",
+                            "INVALID_IDENTITY_TYPE",
+                            "Must be 1–64 characters of lower-case letters, digits and '_'.",
+                        )
                     )
-                )
-            value = identity.value
             if not value:
                 out.append(Violation(f"{path}.value", "REQUIRED", "Required: 1–256 characters."))
             elif len(value) > 256:
@@ -443,15 +877,22 @@ class Validator:
             out.append(Violation(path, "TOO_MANY_VALUES", f"At most {MAX_ITEMS} items."))
             return
         for index, item in enumerate(items):
-            _id(item.product_id, f"{path}[{index}].product_id", out, required=True)
-            price = item.price
+            product_id, price, quantity = _ITEM_OF(item)
+            if (
+                0 < len(product_id) <= MAX_ID_CHARS
+                and _isfinite(price)
+                and price >= 0
+                and quantity >= 1
+            ):
+                continue
+            _id(product_id, f"{path}[{index}].product_id", out, required=True)
             if not (_isfinite(price) and price >= 0):
                 out.append(
                     Violation(
                         f"{path}[{index}].price", "OUT_OF_RANGE", "Must be a finite number ≥ 0."
                     )
                 )
-            if item.quantity < 1:
+            if quantity < 1:
                 out.append(
                     Violation(f"{path}[{index}].quantity", "OUT_OF_RANGE", "Must be at least 1.")
                 )
@@ -596,6 +1037,26 @@ class Validator:
             timestamp.seconds, timestamp.nanos = divmod(corrected, _NS)
 
 
+def _within(value: float, low: float, high: float) -> bool:
+    return _isfinite(value) and low <= value <= high
+
+
+def _all_within(values: list[float], low: float, high: float) -> bool:
+    # A sum is finite only if every term is, and min and max then compare no NaN.
+    return not values or (_isfinite(sum(values)) and min(values) >= low and max(values) <= high)
+
+
+def _valid_times(found: Times) -> bool:
+    """Whether every time is a valid event time, 2000-01-01 to 9999-12-31 (true of none)."""
+    seconds, nanos = found.seconds, found.nanos
+    return not seconds or (
+        min(seconds) >= _MIN_EVENT_SECONDS
+        and max(seconds) <= _MAX_TIMESTAMP_SECONDS
+        and min(nanos) >= 0
+        and max(nanos) < _NS
+    )
+
+
 class _TooLargeError(Exception):
     def __init__(self, violation: Violation) -> None:
         super().__init__(violation.description)
@@ -629,7 +1090,7 @@ def _timestamp_value(timestamp: Any, path: str, out: list[Violation]) -> None:
 
 
 def _currency(code: str, path: str, out: list[Violation]) -> None:
-    if code and not _CURRENCY.fullmatch(code):
+    if code and code not in _CURRENCIES and not _CURRENCY.fullmatch(code):
         out.append(Violation(path, "INVALID_CURRENCY", "Must be an ISO 4217 code such as 'USD'."))
 
 

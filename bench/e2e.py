@@ -329,6 +329,8 @@ async def _suite(directory: Path, dsn: str, redis_url: str) -> AsyncIterator[dic
         "AUDIENCE_SEGMENT_ENGINE_ADDRESS": addresses["engine"],
         "AUDIENCE_INGEST_ADDRESS": addresses["ingest"],
         "AUDIENCE_LOG_LEVEL": "warning",
+        # The bench's clients carry no API key.
+        "AUDIENCE_AUTH": "disabled",
     }
     async with (
         service(

@@ -168,6 +168,8 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 "AUDIENCE_REDIS_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
                 "AUDIENCE_LISTEN": engine_address,
                 "AUDIENCE_LOG_LEVEL": "warning",
+                # The bench's clients carry no API key.
+                "AUDIENCE_AUTH": "disabled",
             }
             dataset = "bench"
             async with (

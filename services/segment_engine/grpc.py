@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import timedelta
 
 import grpc.aio
@@ -29,9 +30,11 @@ from services.segment_engine.domain.model import (
     parse_segment,
     segment_name,
 )
+from services.segment_engine.domain.tokens import encode_token
 from services.segment_engine.memberships import Memberships, decode_page_token, page_token
 from services.segment_engine.segments import SegmentChanges, Segments
 from services.segment_engine.store.log import ChangeLog
+from services.segment_engine.store.members import MemberChunk
 from services.segment_engine.translate import (
     change_message,
     membership_message,
@@ -48,6 +51,10 @@ from services.segment_engine.watch import (
 __all__ = ["MembershipServicer", "SegmentServicer"]
 
 _MAX_WATCH_SEGMENTS = 1000
+_MAX_STREAM_CHUNK = 10_000
+_CHUNK_ID_CHARS = 512 * 1024
+"""A chunk whose member ids hold more characters is sent in parts: at most 4 bytes each in
+UTF-8, so a response stays near 2 MiB, well inside the 4 MiB a client accepts by default."""
 
 
 def _page_size(value: int, default: int, maximum: int, field: str = "page_size") -> int:
@@ -395,6 +402,34 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
             response.next_page_token = page_token(rows[-1][0])
         return response
 
+    async def StreamSegmentMembers(  # noqa: N802
+        self,
+        request: membership_service_pb2.StreamSegmentMembersRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[membership_service_pb2.StreamSegmentMembersResponse]:
+        dataset, segment_id = parse_segment(request.parent, "parent")
+        size = _page_size(request.chunk_size, _MAX_STREAM_CHUNK, _MAX_STREAM_CHUNK, "chunk_size")
+        async with self._memberships.listing(dataset, segment_id) as listing:
+            snapshot = listing.snapshot
+            first = membership_service_pb2.StreamSegmentMembersResponse(
+                snapshot=membership_service_pb2.SegmentMembersSnapshot(
+                    resume_token=encode_token(dataset, snapshot.position, snapshot.time),
+                    read_time=timestamp(snapshot.time),
+                    segment_kind=segment_pb2.SegmentKind.ValueType(snapshot.kind),
+                    segment_version=snapshot.version,
+                    member_count=snapshot.member_count,
+                )
+            )
+            # The snapshot rides with the first members, or alone for an empty segment.
+            pending: membership_service_pb2.StreamSegmentMembersResponse | None = first
+            chunks = listing.chunks(size, versions=request.include_segment_versions)
+            async for chunk in chunks:
+                for response in _member_responses(chunk, pending):
+                    pending = None
+                    yield response
+            if pending is not None:
+                yield pending
+
     async def CountSegmentMembers(  # noqa: N802
         self,
         request: membership_service_pb2.CountSegmentMembersRequest,
@@ -480,6 +515,36 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
                 )
             else:
                 yield Response(change=change_message(dataset, item.row, item.token))
+
+
+def _member_responses(
+    chunk: MemberChunk,
+    first: membership_service_pb2.StreamSegmentMembersResponse | None,
+) -> Iterator[membership_service_pb2.StreamSegmentMembersResponse]:
+    """A chunk as responses (one, unless its ids are long), the first filling ``first``."""
+    ids, times, versions = chunk.ids, chunk.join_times, chunk.versions
+    cuts = [0, len(ids)]
+    if sum(map(len, ids)) > _CHUNK_ID_CHARS:
+        cuts = [0]
+        chars = 0
+        for index, length in enumerate(map(len, ids)):
+            if chars + length > _CHUNK_ID_CHARS:
+                cuts.append(index)
+                chars = 0
+            chars += length
+        cuts.append(len(ids))
+    whole = len(cuts) == 2
+    for start, end in itertools.pairwise(cuts):
+        response = (
+            first if first is not None else membership_service_pb2.StreamSegmentMembersResponse()
+        )
+        first = None
+        # Columns are copied in one call each; slicing only when a chunk is split.
+        response.member_ids.extend(ids if whole else ids[start:end])
+        response.join_time_micros.extend(times if whole else times[start:end])
+        if versions is not None:
+            response.segment_versions.extend(versions if whole else versions[start:end])
+        yield response
 
 
 def _same_dataset(dataset: str, other: str, field: str) -> None:

@@ -4,9 +4,10 @@ segment's members for bulk readers, counts, memberships at a past time, explanat
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from services.segment_engine.domain.model import Kind, Membership, segment_name
 from services.segment_engine.domain.segments import SegmentRecord
 from services.segment_engine.rules import CompiledSegmentRule, view_from_bytes
 from services.segment_engine.store.log import ChangeLog
-from services.segment_engine.store.members import MemberStore
+from services.segment_engine.store.members import MemberListing, MemberStore
 from services.segment_engine.store.segments import SegmentStore
 from services.segment_engine.store.state import Key
 
@@ -213,6 +214,18 @@ class Memberships:
         record = await self._segment(dataset, segment_id)
         rows = await self._members.members(dataset, segment_id, after=after, limit=page_size + 1)
         return record.kind, rows[:page_size], len(rows) > page_size
+
+    @contextlib.asynccontextmanager
+    async def listing(self, dataset: str, segment_id: str) -> AsyncIterator[MemberListing]:
+        """Every member of the segment, read from one snapshot held until the context ends.
+
+        Raises:
+            AudienceError: ``NOT_FOUND`` when the segment does not exist or was deleted.
+        """
+        async with self._members.listing(dataset, segment_id) as listing:
+            if listing is None:
+                raise not_found(_SEGMENT_TYPE, segment_name(dataset, segment_id))
+            yield listing
 
     async def count(self, dataset: str, segment_id: str) -> int:
         return (await self._segment(dataset, segment_id)).member_count

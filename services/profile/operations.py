@@ -316,29 +316,50 @@ class Operations:
             AudienceError: ``INVALID_ARGUMENT`` naming the faulty field.
         """
         compiled = compile_rule(rule, kind)
-        segments: dict[str, SqlSegment | ImportedMembers] = {}
-        for index, (name, segment_rule, members) in enumerate(referenced):
+        definitions = {name: (index, r, m) for index, (name, r, m) in enumerate(referenced)}
+
+        def compile_referenced(name: str, segment_kind: int) -> SqlSegment | ImportedMembers:
+            index, segment_rule, members = definitions[name]
             if segment_rule is None:
-                segments[name] = ImportedMembers(list(members))
-            else:
-                try:
-                    segments[name] = compile_rule(segment_rule, kind)
-                except errors.AudienceError as error:
-                    raise errors.invalid_argument(
-                        f"The rule of referenced segment {name!r} is not valid.",
-                        *(
-                            FieldViolation(f"referenced_segments[{index}].{v.field}", v.description)
-                            for v in error.violations
-                        ),
-                        reason=error.reason,
-                    ) from error
-        missing = sorted(compiled.segments - set(segments))
+                return ImportedMembers(list(members))
+            try:
+                return compile_rule(segment_rule, segment_kind)
+            except errors.AudienceError as error:
+                raise errors.invalid_argument(
+                    f"The rule of referenced segment {name!r} is not valid.",
+                    *(
+                        FieldViolation(f"referenced_segments[{index}].{v.field}", v.description)
+                        for v in error.violations
+                    ),
+                    reason=error.reason,
+                ) from error
+
+        # Each segment the rule reaches is compiled for its own kind: the segments an
+        # account rule's roll-ups count users of are user segments, as is all they reach.
+        segments: dict[str, SqlSegment | ImportedMembers] = {}
+        missing: set[str] = set()
+        stack = _references(compiled, kind)
+        while stack:
+            name, segment_kind = stack.pop()
+            if name in segments or name in missing:
+                continue
+            if name not in definitions:
+                missing.add(name)
+                continue
+            found = segments[name] = compile_referenced(name, segment_kind)
+            if isinstance(found, CompiledRule):
+                stack.extend(_references(found, segment_kind))
+        for name in definitions:
+            if name not in segments:
+                segments[name] = compile_referenced(name, kind)
         if missing:
+            first = sorted(missing)[0]
             raise errors.invalid_argument(
-                f"The rule refers to segments the request does not define: {', '.join(missing)}.",
+                "The rule refers to segments the request does not define:"
+                f" {', '.join(sorted(missing))}.",
                 FieldViolation(
                     "referenced_segments",
-                    f"must define every segment the rule refers to; missing {missing[0]}",
+                    f"must define every segment the rule refers to; missing {first}",
                 ),
             )
         return compiled, segments
@@ -366,3 +387,14 @@ class Operations:
             count_only=count_only,
             chunk_size=chunk_size,
         )
+
+
+def _references(rule: CompiledRule, kind: int) -> list[tuple[str, int]]:
+    """The segments a rule names, each with its kind: the rule's own kind, and users for
+    those its roll-ups' user rules name."""
+    found = [(name, kind) for name in sorted(rule.segments)]
+    for rollup in rule.rollups:
+        found.extend(
+            (name, segment_pb2.SEGMENT_KIND_USER) for name in sorted(rollup.predicate.segments)
+        )
+    return found

@@ -31,7 +31,7 @@ from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.domain.model import Cause, Kind, SegmentState
 from services.segment_engine.processor import Processor
 from services.segment_engine.profile_client import ProfileQueries, QueryChunk
-from services.segment_engine.references import referenced_segments
+from services.segment_engine.references import referenced_segments, rule_references
 from services.segment_engine.rules import CompiledSegmentRule
 from services.segment_engine.store.members import MemberStore
 from services.segment_engine.store.segments import SegmentStore, work_lock_key
@@ -223,7 +223,7 @@ class Backfiller:
         self, dataset: str, segment_id: str, kind: Kind, version: int, rule: CompiledSegmentRule
     ) -> None:
         catalog = await self._catalogs.current(dataset)
-        referenced = await referenced_segments(catalog, self._members, rule.segments)
+        referenced = await referenced_segments(catalog, self._members, rule_references(rule))
         started = self._clock()
         cursor = ""
         done = 0

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from services.segment_engine.domain.catalog import Catalog
+from services.segment_engine.domain.catalog import Catalog, CompiledRule
 from services.segment_engine.profile_client import ReferencedSegment
 from services.segment_engine.rules import CompiledSegmentRule
 from services.segment_engine.store.members import MemberStore
 
-__all__ = ["closure", "referenced_segments"]
+__all__ = ["closure", "referenced_segments", "rule_references"]
 
 _PAGE = 10_000
+
+
+def rule_references(rule: CompiledRule) -> set[str]:
+    """The segments a rule names: in its own conditions and in its roll-ups' user rules
+    (an account rule counting the users of a user segment)."""
+    names = set(rule.segments)
+    for rollup in rule.rollups:
+        names |= rollup.rule.segments
+    return names
 
 
 def closure(catalog: Catalog, names: Iterable[str]) -> list[str]:
@@ -26,7 +35,7 @@ def closure(catalog: Catalog, names: Iterable[str]) -> list[str]:
         seen[name] = None
         segment = catalog.by_name.get(name)
         if segment is not None and segment.rule is not None:
-            stack.extend(sorted(segment.rule.segments))
+            stack.extend(sorted(rule_references(segment.rule)))
     return list(seen)
 
 

@@ -36,7 +36,7 @@ from services.segment_engine.domain.segments import (
 )
 from services.segment_engine.processor import Processor
 from services.segment_engine.profile_client import ProfileQueries
-from services.segment_engine.references import closure, referenced_segments
+from services.segment_engine.references import closure, referenced_segments, rule_references
 from services.segment_engine.rules import (
     CompiledSegmentRule,
     RuleFacts,
@@ -193,7 +193,7 @@ class Segments:
         compiled, catalog = await self._compile(
             dataset, kind, rule, rule_text, segment_id=None, prefix=""
         )
-        return rule_facts(compiled, closure(catalog, compiled.segments))
+        return rule_facts(compiled, closure(catalog, rule_references(compiled)))
 
     async def preview(
         self,
@@ -206,7 +206,7 @@ class Segments:
         compiled, catalog = await self._compile(
             dataset, kind, rule, rule_text, segment_id=None, prefix=""
         )
-        referenced = await referenced_segments(catalog, self._members, compiled.segments)
+        referenced = await referenced_segments(catalog, self._members, rule_references(compiled))
         now = self._clock()
         if compiled.aggregates:
             await self._profiles.register_aggregates(dataset, compiled.aggregates)

@@ -307,3 +307,36 @@ async def test_a_shuffled_duplicated_event_stream_ends_in_from_scratch_membershi
             await asyncio.sleep(0.2)
     assert got == want
     assert all(want.values())
+
+
+async def test_an_account_segment_counting_users_of_a_user_segment_backfills(
+    start_suite: StartSuite,
+) -> None:
+    # The backfill's rule query must define the user segment the roll-up names, and the
+    # profile service must compile it as a user rule (a context condition is not allowed
+    # in an account rule): found by the fault test (tests/faults).
+    async with pipeline(start_suite) as p:
+        events = []
+        for user, account, country in (
+            ("u1", "acme", "US"),
+            ("u2", "acme", "US"),
+            ("u3", "acme", "FR"),
+            ("u4", "initech", "US"),
+        ):
+            event = _event(user, type=event_pb2.EVENT_TYPE_PAGE, account_id=account)
+            event.context.location.country = country
+            events.append(event)
+        await p.send(*events)
+        await _drained(p)
+        users = await p.clients.create(p.dataset, "us-users", 'location.country = "US"')
+        await p.clients.wait_active(users.name)
+        teams = await p.clients.create(
+            p.dataset,
+            "us-teams",
+            f'count(users where in segment "{users.name}") >= 2',
+            kind=segment_pb2.SEGMENT_KIND_ACCOUNT,
+        )
+        done = await p.clients.wait_active(teams.name)
+        members = await _members(p, teams.name)
+    assert done.member_count == 1
+    assert members == {"acme"}

@@ -41,6 +41,7 @@ from services.profile.domain.model import (
     AggregateSeries,
     ChangeType,
     ProfileState,
+    encoded_context,
 )
 
 __all__ = [
@@ -77,7 +78,11 @@ _KINDS = {USER: segment_pb2.SEGMENT_KIND_USER, ACCOUNT: segment_pb2.SEGMENT_KIND
 
 # Tags (field number << 3 | wire type 2) of the length-delimited fields assembled by hand.
 _VIEW_ATTRIBUTES = 1
+_VIEW_SESSION = 2
+_VIEW_CONTEXT = 3
 _VIEW_AGGREGATES = 9
+_PROFILE_SESSION = 5
+_PROFILE_CONTEXT = 6
 _CHANGE_VIEW = 8
 _BATCH_CHANGES = 1
 
@@ -116,6 +121,7 @@ def _varint(value: int) -> bytes:
 
 
 _TAGS = [_varint(number << 3 | 2) for number in range(16)]
+_VIEW_AGGREGATES_TAG = _TAGS[_VIEW_AGGREGATES]
 
 
 def length_delimited(field_number: int, data: bytes) -> bytes:
@@ -177,18 +183,21 @@ _DOUBLE = struct.Struct("<d").pack
 _INT64 = 1 << 64
 
 
-# Encoded instants by value: a bucket's start is shared by every profile with a bucket
-# there, and an event's time by every bucket it lands in. Cleared when it grows too big.
-_INSTANTS: dict[int, bytes] = {}
+# Each instant encoded as a bucket's start (field 1), first time (6) or last time (7),
+# tag and length included, by value: a bucket's start is shared by every profile with a
+# bucket there, and an event's time by every bucket it lands in. Each is cleared when it
+# grows too big.
+_STARTS: dict[int, bytes] = {}
+_FIRSTS: dict[int, bytes] = {}
+_LASTS: dict[int, bytes] = {}
 _INSTANTS_LIMIT = 200_000
 
 
-def _timestamp_bytes(micros: int) -> bytes:
-    found = _INSTANTS.get(micros)
-    if found is None:
-        if len(_INSTANTS) >= _INSTANTS_LIMIT:
-            _INSTANTS.clear()
-        found = _INSTANTS[micros] = _encode_timestamp(micros)
+def _time_field(memo: dict[int, bytes], tag: bytes, micros: int) -> bytes:
+    if len(memo) >= _INSTANTS_LIMIT:
+        memo.clear()
+    body = _encode_timestamp(micros)
+    found = memo[micros] = tag + _varint(len(body)) + body
     return found
 
 
@@ -204,22 +213,27 @@ def _encode_timestamp(micros: int) -> bytes:
 def bucket_bytes(bucket: BucketState) -> bytes:
     """The encoding of ``bucket.to_proto()``, written directly: a change re-encodes only the
     buckets it touched, and this is the hot path of every published view."""
-    parts = [length_delimited(1, _timestamp_bytes(bucket.start))]
-    if bucket.count:
-        parts.append(b"\x10" + _varint(bucket.count % _INT64))
-    if bucket.sum or math.copysign(1.0, bucket.sum) < 0:
-        parts.append(b"\x19" + _DOUBLE(bucket.sum))
-    if bucket.min is not None:
-        parts.append(b"\x21" + _DOUBLE(bucket.min))
-    if bucket.max is not None:
-        parts.append(b"\x29" + _DOUBLE(bucket.max))
-    if bucket.first_time is not None:
-        parts.append(length_delimited(6, _timestamp_bytes(bucket.first_time)))
-    if bucket.last_time is not None:
-        parts.append(length_delimited(7, _timestamp_bytes(bucket.last_time)))
-    for value in bucket.distinct_values:
-        parts.append(length_delimited(8, value.encode()))
-    return b"".join(parts)
+    start, count, total, low, high, first, last, distinct = bucket
+    data = _STARTS.get(start) or _time_field(_STARTS, b"\x0a", start)
+    if count:
+        data += b"\x10" + (_SMALL[count] if 0 < count < 128 else _varint(count % _INT64))
+    if total or math.copysign(1.0, total) < 0:
+        data += b"\x19" + _DOUBLE(total)
+    if low is not None:
+        data += b"\x21" + _DOUBLE(low)
+    if high is not None:
+        data += b"\x29" + _DOUBLE(high)
+    if first is not None:
+        data += _FIRSTS.get(first) or _time_field(_FIRSTS, b"\x32", first)
+    if last is not None:
+        data += _LASTS.get(last) or _time_field(_LASTS, b"\x3a", last)
+    for value in distinct:
+        data += length_delimited(8, value.encode())
+    return data
+
+
+# An aggregate's id as field 1 of its AggregateValue, by id (the registered ones).
+_AGGREGATE_IDS: dict[str, bytes] = {}
 
 
 def _series_bytes(aggregate_id: str, series: AggregateSeries) -> bytes:
@@ -227,13 +241,21 @@ def _series_bytes(aggregate_id: str, series: AggregateSeries) -> bytes:
         pieces = series.pieces
         if pieces is None:
             pieces = series.pieces = {}
-        parts = [length_delimited(1, aggregate_id.encode())]
-        for start in sorted(series.buckets):
+        head = _AGGREGATE_IDS.get(aggregate_id)
+        if head is None:
+            if len(_AGGREGATE_IDS) >= _INSTANTS_LIMIT:
+                _AGGREGATE_IDS.clear()
+            head = _AGGREGATE_IDS[aggregate_id] = length_delimited(1, aggregate_id.encode())
+        parts = [head]
+        buckets = series.buckets
+        for start in sorted(buckets) if len(buckets) > 1 else buckets:
             piece = pieces.get(start)
             if piece is None:
-                piece = pieces[start] = bucket_bytes(series.buckets[start])
-            parts.append(length_delimited(2, piece))
-        series.encoded = length_delimited(_VIEW_AGGREGATES, b"".join(parts))
+                # Kept with its tag and length as field 2 of the AggregateValue.
+                piece = pieces[start] = length_delimited(2, bucket_bytes(buckets[start]))
+            parts.append(piece)
+        body = b"".join(parts)
+        series.encoded = _VIEW_AGGREGATES_TAG + _varint(len(body)) + body
     return series.encoded
 
 
@@ -243,10 +265,11 @@ def _series_document(aggregate_id: str, series: AggregateSeries) -> str:
         if texts is None:
             texts = series.texts = {}
         parts = []
-        for start in sorted(series.buckets):
+        buckets = series.buckets
+        for start in sorted(buckets) if len(buckets) > 1 else buckets:
             text = texts.get(start)
             if text is None:
-                text = texts[start] = bucket_json(series.buckets[start])
+                text = texts[start] = bucket_json(buckets[start])
             parts.append(text)
         series.document = series_json(aggregate_id, parts)
     return series.document
@@ -278,15 +301,16 @@ def profile_view(state: ProfileState) -> bytes:
         visit_count=state.visit_count,
         account_id=state.account_id,
     )
-    if state.session is not None:
-        view.session.CopyFrom(state.session)
-    if state.context is not None:
-        view.context.CopyFrom(state.context)
     _set_time(view, "first_seen_time", state.first_seen)
     _set_time(view, "last_seen_time", state.last_seen)
     if state.attributes_encoded is None:
         state.attributes_encoded = _attributes_bytes(state.attributes)
     parts = [view.SerializeToString(), state.attributes_encoded]
+    if state.session is not None:
+        parts.append(length_delimited(_VIEW_SESSION, state.session.SerializeToString()))
+    context = encoded_context(state)
+    if context is not None:
+        parts.append(length_delimited(_VIEW_CONTEXT, context))
     for aggregate_id, series in state.aggregates.items():
         if series.buckets:
             parts.append(_series_bytes(aggregate_id, series))
@@ -387,11 +411,13 @@ def state_blob(state: ProfileState) -> bytes:
         identities=_identities(state.identities),
         merged_profiles=state.merged_profiles,
     )
+    data = blob.SerializeToString()
     if state.session is not None:
-        blob.current_session.CopyFrom(state.session)
-    if state.context is not None:
-        blob.last_context.CopyFrom(state.context)
-    return blob.SerializeToString()
+        data += length_delimited(_PROFILE_SESSION, state.session.SerializeToString())
+    context = encoded_context(state)
+    if context is not None:
+        data += length_delimited(_PROFILE_CONTEXT, context)
+    return data
 
 
 def _micros(moment: datetime | None) -> int | None:

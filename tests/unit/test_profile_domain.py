@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from audience.bus.v1 import profile_change_pb2
 from audience.rules.aggregates import BucketState, Observation, accumulate, aggregate_id
 from audience.rules.facts import facts_from_event
-from audience.rules.values import Instant
+from audience.rules.values import AttrValue, Instant
 from audience.rules.view import evaluation_row, view_from_proto
 from audience.v1 import event_pb2, profile_pb2, rule_pb2
 from services.profile.cache import StateCache
@@ -254,7 +254,12 @@ def test_a_fact_meets_only_the_aggregates_of_its_name_and_filter_value() -> None
     assert purchases in index.matchers
 
 
-_VALUES = st.one_of(st.sampled_from(["a", "b", "c"]), st.sampled_from([1.0, 2.0]), st.booleans())
+_VALUES = st.one_of(
+    st.sampled_from(["a", "b", "c"]),
+    st.sampled_from([1.0, 2.0]),
+    st.booleans(),
+    st.builds(Instant, st.integers(1, 2)),
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -266,7 +271,7 @@ _VALUES = st.one_of(st.sampled_from(["a", "b", "c"]), st.sampled_from([1.0, 2.0]
     ),
     properties=st.dictionaries(st.sampled_from(["x", "y", "z"]), _VALUES),
 )
-def test_the_index_never_skips_an_aggregate_that_counts_the_fact(
+def test_the_index_never_skips_an_aggregate_that_counts_the_fact_nor_implies_one_that_does_not(
     filters: list[tuple[str, list[object]]], properties: dict[str, object]
 ) -> None:
     from audience.rules.values import value_to_proto
@@ -282,10 +287,14 @@ def test_the_index_never_skips_an_aggregate_that_counts_the_fact(
         )
         spec.filters.add(path=path, comparison=rule_pb2.Comparison(operator=operator, value=value))
         specs.append(spec)
-    index, _ = _indexed(*specs)
+    both = count_spec("e")
+    both.filters.extend(spec.filters[0] for spec in specs[:2])
+    index, _ = _indexed(*specs, both)
     fact = facts_from_event(event(user="u", name="e", properties=properties), None)[0]  # type: ignore[arg-type]
     counting = {m.aggregate_id for m in index.matchers.values() if m.observe(fact) is not None}
-    assert counting <= {m.aggregate_id for m in index.candidates(fact)}
+    candidates = index.candidates(fact)
+    assert counting <= {m.aggregate_id for m in candidates}
+    assert {m.aggregate_id for m in candidates if m.implied} <= counting
 
 
 @settings(max_examples=200, deadline=None)
@@ -550,23 +559,51 @@ def test_an_event_without_a_time_cannot_be_applied(kind: int) -> None:
         _apply(ProfileState("d", "u1"), timeless)
 
 
+_PROPERTY_VALUES = st.one_of(
+    st.none(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["a", "b", "c"]),
+    st.booleans(),
+    st.builds(Instant, st.integers(0, 5)),
+    st.just([1.0]),
+)
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        rule_pb2.AGGREGATE_FUNCTION_COUNT,
+        rule_pb2.AGGREGATE_FUNCTION_SUM,
+        rule_pb2.AGGREGATE_FUNCTION_DISTINCT_COUNT,
+    ],
+)
 @settings(max_examples=100, deadline=None)
-@given(moments=st.lists(st.integers(0, 10_000_000_000), min_size=1, max_size=20))
-def test_counting_without_an_observation_equals_accumulate(moments: list[int]) -> None:
-    index, (counted,) = _indexed(count_spec("page_view", width=timedelta(seconds=7)))
+@given(
+    moments=st.lists(
+        st.tuples(st.integers(0, 10_000_000_000), _PROPERTY_VALUES), min_size=1, max_size=20
+    )
+)
+def test_counting_without_an_observation_equals_accumulate(
+    function: int, moments: list[tuple[int, AttrValue]]
+) -> None:
+    index, (counted,) = _indexed(
+        count_spec("page_view", width=timedelta(seconds=7), function=function, prop="x")
+    )
     matcher = index.matchers[counted]
     facts = [
         facts_from_event(event(user="u1", kind=E.EVENT_TYPE_PAGE), None)[0].__class__(
-            "page_view", moment, {}, {}
+            "page_view", moment, {} if value is None else {"x": value}, {}
         )
-        for moment in moments
+        for moment, value in moments
     ]
     state = ProfileState("d", "u1")
     count_facts(state, facts, index, Touch(), NOW)
     expected: dict[int, BucketState] = {}
     for fact in facts:
         observation = matcher.observe(fact)
-        assert observation is not None
+        if observation is None:
+            continue
         start = observation.bucket_start
         expected[start] = accumulate(expected.get(start), observation)
-    assert state.aggregates[counted].buckets == expected
+    series = state.aggregates.get(counted)
+    assert (series.buckets if series is not None else {}) == expected

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from google.protobuf.descriptor import EnumDescriptor
 
@@ -78,27 +77,71 @@ FACT_SOURCES: Mapping[str, str] = {
     PRODUCT_PURCHASED: ORDER_COMPLETED,
 }
 
-_E = event_pb2.EventType
+# Plain ints: an enum wrapper's attribute lookup runs Python code on every access.
+_TRACK = int(event_pb2.EVENT_TYPE_TRACK)
+_PAGE = int(event_pb2.EVENT_TYPE_PAGE)
+_CART = int(event_pb2.EVENT_TYPE_CART_UPDATED)
+_ORDER = int(event_pb2.EVENT_TYPE_ORDER_COMPLETED)
+_CAMPAIGN = int(event_pb2.EVENT_TYPE_CAMPAIGN_INTERACTION)
 _FIXED_NAMES: Mapping[int, str] = {
-    _E.EVENT_TYPE_PAGE: "page_view",
-    _E.EVENT_TYPE_SCREEN: "screen_view",
-    _E.EVENT_TYPE_IDENTIFY: "identify",
-    _E.EVENT_TYPE_CART_UPDATED: CART_UPDATED,
-    _E.EVENT_TYPE_ORDER_COMPLETED: ORDER_COMPLETED,
-    _E.EVENT_TYPE_CAMPAIGN_INTERACTION: CAMPAIGN_INTERACTION,
-    _E.EVENT_TYPE_ACCOUNT_UPDATE: "account_updated",
+    _PAGE: "page_view",
+    int(event_pb2.EVENT_TYPE_SCREEN): "screen_view",
+    int(event_pb2.EVENT_TYPE_IDENTIFY): "identify",
+    _CART: CART_UPDATED,
+    _ORDER: ORDER_COMPLETED,
+    _CAMPAIGN: CAMPAIGN_INTERACTION,
+    int(event_pb2.EVENT_TYPE_ACCOUNT_UPDATE): "account_updated",
 }
+_PAGE_FIELDS = ("url", "path", "title", "referrer", "search")
 
 
-@dataclass(frozen=True, slots=True)
 class Fact:
-    """One countable thing that happened, at ``timestamp`` (microseconds since the epoch)."""
+    """One countable thing that happened, at ``timestamp`` (microseconds since the epoch).
 
-    name: str
-    timestamp: int
-    properties: dict[str, AttrValue] = field(default_factory=dict)
-    # The event's context as a map (see ``context_properties``), read by `context.*` paths.
-    context: dict[str, AttrValue] = field(default_factory=dict)
+    ``context`` is the event's context as a map (see :func:`context_properties`), read by
+    ``context.*`` paths. Few aggregates filter on it, so a fact made from an event builds it
+    from the event's ``Context`` (``source``) only when first read.
+    """
+
+    __slots__ = ("_context", "_source", "name", "properties", "timestamp")
+
+    def __init__(
+        self,
+        name: str,
+        timestamp: int,
+        properties: dict[str, AttrValue] | None = None,
+        context: dict[str, AttrValue] | None = None,
+        *,
+        source: event_pb2.Context | None = None,
+    ) -> None:
+        self.name = name
+        self.timestamp = timestamp
+        self.properties: dict[str, AttrValue] = {} if properties is None else properties
+        self._context = context
+        self._source = source
+
+    @property
+    def context(self) -> dict[str, AttrValue]:
+        found = self._context
+        if found is None:
+            found = {} if self._source is None else context_properties(self._source)
+            self._context = found
+        return found
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Fact):
+            return NotImplemented
+        return (self.name, self.timestamp, self.properties, self.context) == (
+            other.name,
+            other.timestamp,
+            other.properties,
+            other.context,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Fact({self.name!r}, {self.timestamp}, {self.properties!r}, {self.context!r})"
 
 
 def _labels(descriptor: EnumDescriptor, prefix: str) -> dict[int, str]:
@@ -217,17 +260,21 @@ def facts_from_event(event: event_pb2.Event, previous_cart: event_pb2.Cart | Non
         timestamp = micros_from_timestamp(event.received_at)
     else:
         raise ValueError(f"event {event.event_id!r} has no timestamp")
-    name = event.name if event.type == _E.EVENT_TYPE_TRACK else _FIXED_NAMES.get(event.type)
+    kind = event.type
+    name = event.name if kind == _TRACK else _FIXED_NAMES.get(kind)
     if not name:
         return []
-    context = context_properties(event.context)
+    source = event.context
     props = attributes_from_proto(event.properties)
+    if kind == _PAGE:
+        page = source.page
+        for key in _PAGE_FIELDS:
+            value = getattr(page, key)
+            if value:
+                props[key] = value
+        return [Fact(name, timestamp, props, source=source)]
     facts: list[Fact] = []
-    if event.type == _E.EVENT_TYPE_PAGE:
-        page = context.get("page")
-        if isinstance(page, dict):
-            props.update(page)
-    elif event.type == _E.EVENT_TYPE_CART_UPDATED:
+    if kind == _CART:
         cart = event.cart
         props["value"] = cart_value(cart)
         props["item_count"] = float(sum(item.quantity for item in cart.items))
@@ -243,8 +290,8 @@ def facts_from_event(event: event_pb2.Event, previous_cart: event_pb2.Cart | Non
             if rise > 0:
                 added = _item_properties(item, cart.currency)
                 added["quantity"] = float(rise)
-                facts.append(Fact(PRODUCT_ADDED, timestamp, added, context))
-    elif event.type == _E.EVENT_TYPE_ORDER_COMPLETED:
+                facts.append(Fact(PRODUCT_ADDED, timestamp, added, source=source))
+    elif kind == _ORDER:
         order = event.order
         revenue = order.revenue if order.HasField("revenue") else None
         if revenue is None:
@@ -260,11 +307,11 @@ def facts_from_event(event: event_pb2.Event, previous_cart: event_pb2.Cart | Non
         for item in order.items:
             bought = _item_properties(item, order.currency)
             _put(bought, "order_id", order.order_id)
-            facts.append(Fact(PRODUCT_PURCHASED, timestamp, bought, context))
-    elif event.type == _E.EVENT_TYPE_CAMPAIGN_INTERACTION:
+            facts.append(Fact(PRODUCT_PURCHASED, timestamp, bought, source=source))
+    elif kind == _CAMPAIGN:
         interaction = event.campaign_interaction
         _put(props, "campaign_id", interaction.campaign_id)
         _put(props, "channel", CAMPAIGN_CHANNEL_LABELS.get(interaction.channel))
         _put(props, "action", CAMPAIGN_ACTION_LABELS.get(interaction.action))
         _put(props, "creative_id", interaction.creative_id)
-    return [Fact(name, timestamp, props, context), *facts]
+    return [Fact(name, timestamp, props, source=source), *facts]

@@ -170,12 +170,17 @@ def to_json(value: AttrValue) -> Any:
 
 
 def attributes_json(attributes: Mapping[str, AttrValue]) -> str:
-    """The ``attributes`` column's text: what the profile service writes to ``jsonb``."""
+    """The ``attributes`` column's text: what the profile service writes to ``jsonb``.
+
+    Keys are sorted, so equal attributes give equal text whatever order they came in (a
+    protobuf map has none).
+    """
     return json.dumps(
         {key: to_json(item) for key, item in attributes.items()},
         allow_nan=False,
         ensure_ascii=False,
         separators=(",", ":"),
+        sort_keys=True,
     )
 
 

@@ -10,18 +10,17 @@ last word, so the index only ever skips aggregates that could not count the fact
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from audience.rules.aggregates import (
     DISTINCT_LIMIT,
     AggregateMatcher,
     BucketState,
-    accumulate,
     compile_aggregate,
 )
 from audience.rules.facts import Fact
-from audience.rules.values import Instant, value_from_proto
+from audience.rules.values import Instant, distinct_key, value_from_proto
 from audience.v1 import profile_pb2, rule_pb2
 from services.profile.domain.model import AggregateSeries, ProfileState, Touch
 
@@ -66,24 +65,41 @@ def _lookup_filter(spec: profile_pb2.AggregateSpec) -> tuple[str, list[object]] 
 
 
 _COUNT = int(rule_pb2.AggregateFunction.AGGREGATE_FUNCTION_COUNT)
+_SUM = int(rule_pb2.AggregateFunction.AGGREGATE_FUNCTION_SUM)
 
 
 class Compiled:
-    """A compiled aggregate with what counting needs at hand."""
+    """A compiled aggregate with what counting needs at hand.
 
-    __slots__ = ("aggregate_id", "counts_only", "expires", "matcher", "matches", "width")
+    :func:`count_facts` counts a fact straight into its bucket, without building an
+    ``Observation``; the outcome equals ``accumulate``'s (the tests hold them together).
+    """
 
-    def __init__(self, matcher: AggregateMatcher) -> None:
+    __slots__ = (
+        "aggregate_id",
+        "expires",
+        "extract",
+        "family",
+        "implied",
+        "matcher",
+        "matches",
+        "width",
+    )
+
+    def __init__(self, matcher: AggregateMatcher, implied: bool) -> None:
         self.matcher = matcher
+        # Whether being a candidate of a fact (see `AggregateIndex.candidates`) already says
+        # that the aggregate counts it, so its matcher need not run.
+        self.implied = implied
         self.matches = matcher.matches
+        self.extract = matcher.extract
         self.aggregate_id = matcher.aggregate_id
         self.width = matcher.width
         # How far back a bucket may start and still be kept; 0: forever (all-time buckets
         # never expire).
         self.expires = matcher.retention if matcher.width else 0
-        # A count needs no value from the fact: it is counted here without building an
-        # Observation (the outcome equals ``accumulate``'s; the tests hold them together).
-        self.counts_only = matcher.function == _COUNT
+        # COUNT, SUM or DISTINCT_COUNT (see ``audience.rules.canonical_function``).
+        self.family = matcher.function
 
 
 @dataclass(slots=True)
@@ -108,9 +124,17 @@ class AggregateIndex:
         for spec in specs:
             matcher = compile_aggregate(spec)
             self.matchers[matcher.aggregate_id] = matcher
-            compiled = Compiled(matcher)
             entry = self._by_name.setdefault(spec.event_name, _NameIndex([], {}))
             found = _lookup_filter(spec)
+            # A fact is a candidate by its name, and by the value of the looked-up property:
+            # with no other filter and only strings to look up, that is the match itself (a
+            # string key is found only by an equal string).
+            implied = not spec.filters or (
+                len(spec.filters) == 1
+                and found is not None
+                and all(type(value) is str for value in found[1])
+            )
+            compiled = Compiled(matcher, implied)
             if found is None:
                 entry.always.append(compiled)
                 continue
@@ -126,20 +150,22 @@ class AggregateIndex:
         """The fact names some aggregate counts."""
         return set(self._by_name)
 
-    def candidates(self, fact: Fact) -> Iterator[Compiled]:
+    def candidates(self, fact: Fact) -> Sequence[Compiled]:
         """The aggregates that may count ``fact``: a superset of those that do."""
         entry = self._by_name.get(fact.name)
         if entry is None:
-            return
-        yield from entry.always
-        if entry.keyed:
-            properties = fact.properties
-            for path, table in entry.keyed.items():
-                value = properties.get(path)
-                if type(value) in _HASHABLE:
-                    found = table.get(value)
-                    if found:
-                        yield from found
+            return ()
+        if not entry.keyed:
+            return entry.always
+        found = list(entry.always)
+        properties = fact.properties
+        for path, table in entry.keyed.items():
+            value = properties.get(path)
+            if type(value) in _HASHABLE:
+                more = table.get(value)
+                if more:
+                    found += more
+        return found
 
 
 def _pick_min(a: float | None, b: float | None) -> float | None:
@@ -208,7 +234,7 @@ def merge_series(
         for start, bucket in series.buckets.items():
             existing = mine.buckets.get(start)
             mine.put(bucket if existing is None else combine(existing, bucket))
-            touch.buckets.add((aggregate_id, start))
+        touch.aggregates.add(aggregate_id)
 
 
 def count_facts(
@@ -218,27 +244,37 @@ def count_facts(
     touch: Touch,
     now: int,
 ) -> None:
-    """Counts facts into the profile's aggregates.
+    """Counts facts into the profile's aggregates, as ``accumulate`` would.
 
     A fact older than an aggregate's retention is not counted: its bucket would be pruned
     at once.
     """
     aggregates = state.aggregates
     expire = state.expire
+    changed = touch.aggregates
     for fact in facts:
         moment = fact.timestamp
         for compiled in index.candidates(fact):
-            if compiled.counts_only:
-                if not compiled.matches(fact):
-                    continue
-                width = compiled.width
-                start = moment - moment % width if width else 0
-                observation = None
-            else:
-                observation = compiled.matcher.observe(fact)
-                if observation is None:
-                    continue
-                start = observation.bucket_start
+            if not compiled.implied and not compiled.matches(fact):
+                continue
+            family = compiled.family
+            value = 0.0
+            key = ""
+            if family != _COUNT:
+                raw = compiled.extract(fact)
+                if family == _SUM:
+                    if type(raw) is not float and type(raw) is not int:
+                        continue
+                    value = float(raw)
+                    if value - value != 0.0:
+                        continue
+                else:
+                    found = distinct_key(raw)
+                    if found is None:
+                        continue
+                    key = found
+            width = compiled.width
+            start = moment - moment % width if width else 0
             expires = compiled.expires
             if expires:
                 if start + expires < now:
@@ -250,25 +286,36 @@ def count_facts(
             if series is None:
                 series = aggregates[aggregate_id] = AggregateSeries()
             old = series.buckets.get(start)
-            if observation is not None:
-                series.put(accumulate(old, observation))
-            elif old is None:
-                series.put(BucketState(start, 1, 0.0, None, None, moment, moment))
+            if old is None:
+                if family == _COUNT:
+                    bucket = BucketState(start, 1, 0.0, None, None, moment, moment)
+                elif family == _SUM:
+                    bucket = BucketState(start, 1, value, value, value, moment, moment)
+                else:
+                    bucket = BucketState(start, 1, 0.0, None, None, moment, moment, (key,))
             else:
                 first, last = old.first_time, old.last_time
-                series.put(
-                    BucketState(
-                        start,
-                        old.count + 1,
-                        old.sum,
-                        old.min,
-                        old.max,
-                        moment if first is None or moment < first else first,
-                        moment if last is None or moment > last else last,
-                        old.distinct_values,
-                    )
+                total, low, high, keys = old.sum, old.min, old.max, old.distinct_values
+                if family == _SUM:
+                    total += value
+                    if low is None or value < low:
+                        low = value
+                    if high is None or value > high:
+                        high = value
+                elif family != _COUNT and key not in keys and len(keys) < DISTINCT_LIMIT:
+                    keys += (key,)
+                bucket = BucketState(
+                    start,
+                    old.count + 1,
+                    total,
+                    low,
+                    high,
+                    moment if first is None or moment < first else first,
+                    moment if last is None or moment > last else last,
+                    keys,
                 )
-            touch.buckets.add((aggregate_id, start))
+            series.put(bucket)
+            changed.add(aggregate_id)
     state.expire = expire
 
 
@@ -303,7 +350,6 @@ def prune(state: ProfileState, index: AggregateIndex, touch: Touch, now: int) ->
         series = state.aggregates[aggregate_id]
         for start in [start for start in series.buckets if start + retention < now]:
             series.drop(start)
-            touch.buckets.discard((aggregate_id, start))
             touch.removed.add((aggregate_id, start))
         if not series.buckets:
             del state.aggregates[aggregate_id]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from google.protobuf.message import Message
+
 from audience.rules.facts import Fact, cart_value, facts_from_event
 from audience.rules.values import (
     AttrValue,
@@ -36,7 +38,7 @@ from audience.rules.values import (
 )
 from audience.v1 import common_pb2, event_pb2, profile_pb2
 from services.profile.domain.aggregates import AggregateIndex, count_facts, prune
-from services.profile.domain.model import AccountState, ProfileState, Touch
+from services.profile.domain.model import AccountState, ProfileState, Touch, encoded_context
 
 __all__ = [
     "Settings",
@@ -207,21 +209,39 @@ _PLACE: tuple[Literal["location", "weather", "device"], ...] = ("location", "wea
 
 
 def _update_context(state: ProfileState, context: event_pb2.Context, touch: Touch) -> None:
+    raw = context.SerializeToString(deterministic=True)
     before = state.context
-    merged = event_pb2.Context()
-    merged.CopyFrom(context)
+    if before is not None and raw == encoded_context(state):
+        # The latest context again (the same visitor on the same device, most of the time).
+        return
+    # A copy with its own memory: a part of the event would keep the whole batch alive.
+    merged = event_pb2.Context.FromString(raw)
     if before is None:
         moved = any(merged.HasField(name) for name in _PLACE)
     else:
+        moved = False
         for name in _PLACE:
-            if not merged.HasField(name) and before.HasField(name):
+            if merged.HasField(name):
+                moved = (
+                    moved
+                    or not before.HasField(name)
+                    or _encoded(before, name)
+                    != (getattr(merged, name).SerializeToString(deterministic=True))
+                )
+            elif before.HasField(name):
                 getattr(merged, name).CopyFrom(getattr(before, name))
-        moved = any(getattr(before, name) != getattr(merged, name) for name in _PLACE)
     if moved:
         touch.keys.add("context")
-    if before is None or before != merged:
+    encoded = merged.SerializeToString(deterministic=True)
+    if before is None or encoded != encoded_context(state):
         state.context = merged
+        state.context_memo = (merged, encoded)
         touch.row = True
+
+
+def _encoded(context: event_pb2.Context, name: str) -> bytes:
+    part: Message = getattr(context, name)
+    return part.SerializeToString(deterministic=True)
 
 
 def update_traits(

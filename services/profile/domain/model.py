@@ -29,6 +29,7 @@ __all__ = [
     "ProfileKey",
     "ProfileState",
     "Touch",
+    "encoded_context",
     "normalize_identity",
 ]
 
@@ -106,19 +107,19 @@ class Touch:
     Attributes:
         keys: the changed keys, in the vocabulary of ``ProfileChange.changed_keys``.
         event_ids: the ids of the events applied.
-        buckets: ``(aggregate_id, bucket_start)`` of buckets added or changed.
+        aggregates: ids of the aggregates a bucket was added to or changed in.
         removed: ``(aggregate_id, bucket_start)`` of buckets dropped.
         row: whether the subject's row changed.
     """
 
     keys: set[str] = field(default_factory=set)
     event_ids: list[str] = field(default_factory=list)
-    buckets: set[tuple[str, int]] = field(default_factory=set)
+    aggregates: set[str] = field(default_factory=set)
     removed: set[tuple[str, int]] = field(default_factory=set)
     row: bool = False
 
     def changed(self) -> bool:
-        return self.row or bool(self.keys or self.buckets or self.removed)
+        return self.row or bool(self.keys or self.aggregates or self.removed)
 
 
 @dataclass(slots=True, eq=False)
@@ -138,6 +139,8 @@ class ProfileState:
             ``None`` when none ever does. Never later than the first real expiry, so a
             unit or a sweep that finds it passed drops what expired and sets it again.
         attributes_encoded: a memo for the view encoder, cleared when attributes change.
+        context_memo: ``context`` and its deterministic encoding (see
+            :func:`encoded_context`), kept while ``context`` is that very message.
     """
 
     dataset: str
@@ -158,6 +161,7 @@ class ProfileState:
     aggregates: dict[str, AggregateSeries] = field(default_factory=dict)
     expire: int | None = None
     attributes_encoded: bytes | None = None
+    context_memo: tuple[event_pb2.Context, bytes] | None = None
 
     @property
     def key(self) -> ProfileKey:
@@ -202,3 +206,15 @@ class AccountState:
     @property
     def key(self) -> AccountKey:
         return (self.dataset, self.account_id)
+
+
+def encoded_context(state: ProfileState) -> bytes | None:
+    """The deterministic encoding of the profile's last context, computed once per context
+    message (a new context is a new message: ``context`` is replaced, never changed)."""
+    context = state.context
+    if context is None:
+        return None
+    memo = state.context_memo
+    if memo is None or memo[0] is not context:
+        memo = state.context_memo = (context, context.SerializeToString(deterministic=True))
+    return memo[1]

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,16 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from audience.auth import SCOPES, generate_api_key, hash_api_key
+from audience.channels import api_key_interceptors
 from audience.db import dsn_with_database
 from audience.embedded import EmbeddedPostgres, EmbeddedRedis
 
 __all__ = [
     "ECHO_METHOD",
+    "BenchKeys",
+    "bench_keys",
+    "client_channel",
     "closed_loop",
     "free_port",
     "latency_summary",
@@ -51,6 +57,43 @@ def free_port() -> int:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class BenchKeys:
+    """API keys made for one run, so that the services run with authentication on, as
+    deployed: ``environ`` goes to each service, ``client`` to the load."""
+
+    client: str = field(repr=False)
+    """Every dataset, every scope."""
+    environ: Mapping[str, str] = field(repr=False)
+    """``AUDIENCE_API_KEYS`` (the client's and the internal key's hashes) and
+    ``AUDIENCE_INTERNAL_API_KEY``."""
+
+
+def bench_keys() -> BenchKeys:
+    client, internal = generate_api_key(), generate_api_key()
+    entries = [
+        {"name": "bench", "sha256": hash_api_key(client), "datasets": ["*"], "scopes": SCOPES},
+        {
+            "name": "internal",
+            "sha256": hash_api_key(internal),
+            "datasets": ["*"],
+            "scopes": ["read", "write"],
+        },
+    ]
+    return BenchKeys(
+        client,
+        {"AUDIENCE_API_KEYS": json.dumps(entries), "AUDIENCE_INTERNAL_API_KEY": internal},
+    )
+
+
+def client_channel(
+    address: str, api_key: str | None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A plaintext channel that sends ``api_key`` on every call (none when ``None``)."""
+    interceptors = api_key_interceptors(api_key) if api_key is not None else None
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 @contextlib.asynccontextmanager
@@ -108,7 +151,8 @@ async def service(
 
 
 async def wait_serving(address: str, name: str, process: asyncio.subprocess.Process) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+    # Health needs no key: probes carry none.
+    async with client_channel(address, None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(600):
             if process.returncode is not None:
@@ -163,10 +207,14 @@ async def closed_loop(
 
 
 async def run_clients(
-    module: str, arguments: Sequence[str], processes: int
+    module: str, arguments: Sequence[str], processes: int, *, api_key: str | None = None
 ) -> list[dict[str, Any]]:
     """Runs ``python -m MODULE --client ARGUMENTS`` in ``processes`` processes at once; each
-    prints one JSON object as its last line."""
+    prints one JSON object as its last line. ``api_key`` reaches them as
+    ``AUDIENCE_API_KEY`` (not as an argument, which any user of the machine can read)."""
+    environ = dict(os.environ)
+    if api_key is not None:
+        environ["AUDIENCE_API_KEY"] = api_key
     started = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -174,6 +222,7 @@ async def run_clients(
             module,
             "--client",
             *arguments,
+            env=environ,
             stdout=asyncio.subprocess.PIPE,
         )
         for _ in range(processes)

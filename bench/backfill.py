@@ -42,7 +42,16 @@ from audience.v1 import (
     segment_service_pb2,
     segment_service_pb2_grpc,
 )
-from bench._suite import free_port, log, scratch_database, servers, service, wait_serving
+from bench._suite import (
+    bench_keys,
+    client_channel,
+    free_port,
+    log,
+    scratch_database,
+    servers,
+    service,
+    wait_serving,
+)
 
 GOAL_SECONDS = 10.0
 DATASET = "bench"
@@ -148,6 +157,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
         async with servers(directory) as (admin_dsn, redis_url), scratch_database(admin_dsn) as dsn:
             address = f"127.0.0.1:{free_port()}"
             profile_address = f"127.0.0.1:{free_port()}"
+            keys = bench_keys()
             environ = {
                 "PATH": "/usr/bin:/bin",
                 "AUDIENCE_POSTGRES_DSN": dsn,
@@ -156,6 +166,9 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 "AUDIENCE_PROFILE_ADDRESS": profile_address,
                 "AUDIENCE_LOG_LEVEL": "warning",
                 "AUDIENCE_SEGMENT_ENGINE_BACKFILL_POLL": "50ms",
+                # Authentication on, as deployed: the engine queries the profile service with
+                # the internal key.
+                **keys.environ,
             }
             async with (
                 service(
@@ -178,13 +191,14 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 log(
                     f"seeded {options.profiles:,} profiles in {time.perf_counter() - started:.1f} s"
                 )
-                async with grpc.aio.insecure_channel(
+                async with client_channel(
                     profile_address,
-                    options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+                    keys.client,
+                    [("grpc.max_receive_message_length", 64 * 1024 * 1024)],
                 ) as channel:
                     matched, query_seconds = await _query(channel, rules.parse_rule(text))
                 log(f"QueryProfiles alone: {matched:,} ids in {query_seconds:.2f} s")
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with client_channel(address, keys.client) as channel:
                     segment, seconds = await _backfill(channel, text)
                 for line in (directory / "segment_engine.log").read_text().splitlines()[-20:]:
                     log(line)

@@ -62,6 +62,9 @@ from audience.v1 import (
 )
 from bench._suite import (
     ECHO_METHOD,
+    BenchKeys,
+    bench_keys,
+    client_channel,
     closed_loop,
     free_port,
     latency_summary,
@@ -318,7 +321,9 @@ async def _flood(
 
 
 @contextlib.asynccontextmanager
-async def _suite(directory: Path, dsn: str, redis_url: str) -> AsyncIterator[dict[str, str]]:
+async def _suite(
+    directory: Path, dsn: str, redis_url: str, keys: BenchKeys
+) -> AsyncIterator[dict[str, str]]:
     addresses = {name: f"127.0.0.1:{free_port()}" for name in ("ingest", "profile", "engine")}
     environ = {
         "PATH": "/usr/bin:/bin",
@@ -329,8 +334,9 @@ async def _suite(directory: Path, dsn: str, redis_url: str) -> AsyncIterator[dic
         "AUDIENCE_SEGMENT_ENGINE_ADDRESS": addresses["engine"],
         "AUDIENCE_INGEST_ADDRESS": addresses["ingest"],
         "AUDIENCE_LOG_LEVEL": "warning",
-        # The bench's clients carry no API key.
-        "AUDIENCE_AUTH": "disabled",
+        # Authentication on, as deployed: the services present the internal key to each
+        # other, and the load its own key.
+        **keys.environ,
     }
     async with (
         service(
@@ -369,7 +375,7 @@ async def _suite(directory: Path, dsn: str, redis_url: str) -> AsyncIterator[dic
 
 
 async def _baseline(address: str) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with client_channel(address, None) as channel:
         method = channel.unary_unary(ECHO_METHOD)
         payload = b"x" * 64
 
@@ -381,19 +387,20 @@ async def _baseline(address: str) -> dict[str, float]:
 
 
 async def _run(options: argparse.Namespace) -> dict[str, Any]:
+    keys = bench_keys()
     with tempfile.TemporaryDirectory(prefix="audience-bench-") as folder:
         directory = Path(folder)
         async with (
             servers(directory) as (admin_dsn, redis_url),
             scratch_database(admin_dsn) as dsn,
-            _suite(directory, dsn, redis_url) as addresses,
+            _suite(directory, dsn, redis_url, keys) as addresses,
         ):
             redis = Redis.from_url(redis_url)
             bus = Bus(redis, namespace=addresses["namespace"], partitions=8)
             try:
                 async with (
-                    grpc.aio.insecure_channel(addresses["ingest"]) as ingest_channel,
-                    grpc.aio.insecure_channel(addresses["engine"]) as engine_channel,
+                    client_channel(addresses["ingest"], keys.client) as ingest_channel,
+                    client_channel(addresses["engine"], keys.client) as engine_channel,
                 ):
                     started = time.monotonic()
                     await _create_segments(engine_channel, options.segments)

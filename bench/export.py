@@ -48,7 +48,17 @@ from audience.v1 import (
     segment_service_pb2,
     segment_service_pb2_grpc,
 )
-from bench._suite import free_port, log, scratch_database, servers, service, wait_serving
+from bench._suite import (
+    BenchKeys,
+    bench_keys,
+    client_channel,
+    free_port,
+    log,
+    scratch_database,
+    servers,
+    service,
+    wait_serving,
+)
 
 GOAL_ROWS_PER_S = 1_000_000
 GOAL_RATIO = 0.25
@@ -176,17 +186,18 @@ async def _measure(
     members: int,
     profile_dir: Path | None,
     directory: Path,
+    api_key: str,
 ) -> tuple[int, float, int, float, dict[str, float]]:
     for name in SERVICES:
         await wait_serving(addresses[name], name, processes[name])
     dataset = f"bench{uuid.uuid4().hex[:8]}"
-    async with grpc.aio.insecure_channel(addresses["segment_engine"]) as engine:
+    async with client_channel(addresses["segment_engine"], api_key) as engine:
         log(f"Importing {members:,} members ...")
         started = time.perf_counter()
         segment = await _fill(engine, dataset, members)
         log(f"  imported in {time.perf_counter() - started:.1f}s")
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(addresses["export"], options=options) as export:
+    async with client_channel(addresses["export"], api_key, options) as export:
         log("Downloading through ExportSegmentCsv ...")
         pids = {name: processes[name].pid for name in ("segment_engine", "export")}
         watched = {name: psutil.Process(pid) for name, pid in pids.items()}
@@ -224,6 +235,7 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, Any]:
             contextlib.AsyncExitStack() as stack,
         ):
             addresses = {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
+            keys: BenchKeys = bench_keys()
             environ = {
                 **os.environ,
                 "AUDIENCE_POSTGRES_DSN": dsn,
@@ -233,6 +245,9 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, Any]:
                 "AUDIENCE_SEGMENT_ENGINE_ADDRESS": addresses["segment_engine"],
                 "AUDIENCE_EXPORT_ADDRESS": addresses["export"],
                 "AUDIENCE_LOG_LEVEL": "warning",
+                # Authentication on, as deployed: the export service reads the members from
+                # the engine with the internal key.
+                **keys.environ,
             }
             processes = {}
             for name in SERVICES:
@@ -246,7 +261,7 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, Any]:
                 )
             try:
                 rows, seconds, baseline_rows, baseline_seconds, cpu = await _measure(
-                    addresses, processes, dsn, members, profile_dir, directory
+                    addresses, processes, dsn, members, profile_dir, directory, keys.client
                 )
             except BaseException:
                 _show_logs(directory)

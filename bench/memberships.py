@@ -3,9 +3,10 @@ against a bare ``grpc.aio`` unary echo, in the same run.
 
     python -m bench.memberships [--profiles 10000] [--seconds 10] [--clients 2]
 
-The segment engine runs as its own process (``python -m services.segment_engine``); the
-echo server too. Load comes from ``--clients`` processes, each keeping ``--concurrency``
-calls in flight on one channel, for ``--seconds`` after a warm-up; the profile asked for is
+The segment engine runs as its own process (``python -m services.segment_engine``), with
+authentication on (keys made for the run); the echo server too. Load comes from
+``--clients`` processes, each keeping ``--concurrency`` calls in flight on one channel, and
+the API key on each, for ``--seconds`` after a warm-up; the profile asked for is
 random among ``--profiles`` (each in 0–10 of 100 segments, written to the engine's tables
 before the run). Throughput is measured saturated; latency with one client keeping
 ``--latency-concurrency`` calls in flight.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import tempfile
 import uuid
@@ -31,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc.aio
 
 from audience.v1 import membership_service_pb2
 from bench._suite import (
     ECHO_METHOD,
+    bench_keys,
+    client_channel,
     closed_loop,
     free_port,
     latency_summary,
@@ -81,9 +84,9 @@ def _request(dataset: str, profiles: int, rng: random.Random) -> bytes:
     ).SerializeToString()
 
 
-async def _warm(address: str, dataset: str, profiles: int) -> None:
+async def _warm(address: str, dataset: str, profiles: int, api_key: str) -> None:
     """Reads every profile once, as a live service's traffic would have."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with client_channel(address, api_key) as channel:
         method = channel.unary_unary("/audience.v1.MembershipService/ListMemberships")
         for start in range(0, profiles, 200):
             await asyncio.gather(
@@ -101,7 +104,11 @@ async def _warm(address: str, dataset: str, profiles: int) -> None:
 
 async def _client(options: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random()
-    async with grpc.aio.insecure_channel(options.address) as channel:
+    # The key as call metadata rather than through the client interceptors of
+    # `audience.channels`, which cost the load generator more CPU than the call itself; sent
+    # to the echo too (which ignores it), so the client does the same work for each target.
+    metadata = (("authorization", f"Bearer {os.environ['AUDIENCE_API_KEY']}"),)
+    async with client_channel(options.address, None) as channel:
         if options.target == "echo":
             method = channel.unary_unary(ECHO_METHOD)
         else:
@@ -109,7 +116,8 @@ async def _client(options: argparse.Namespace) -> dict[str, Any]:
             method = channel.unary_unary("/audience.v1.MembershipService/ListMemberships")
 
         async def call() -> Any:
-            return await method(_request(options.dataset, options.profiles, rng), timeout=10)
+            request = _request(options.dataset, options.profiles, rng)
+            return await method(request, metadata=metadata, timeout=10)
 
         count, latencies = await closed_loop(
             call,
@@ -127,6 +135,7 @@ async def _load(
     options: argparse.Namespace,
     clients: int,
     concurrency: int,
+    api_key: str,
 ) -> dict[str, Any]:
     results = await run_clients(
         "bench.memberships",
@@ -147,6 +156,7 @@ async def _load(
             str(concurrency),
         ],
         clients,
+        api_key=api_key,
     )
     return {
         "rps": sum(r["rps"] for r in results),
@@ -161,6 +171,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
         async with servers(directory) as (admin_dsn, redis_url), scratch_database(admin_dsn) as dsn:
             engine_address = f"127.0.0.1:{free_port()}"
             echo_address = f"127.0.0.1:{free_port()}"
+            keys = bench_keys()
             environ = {
                 "PATH": "/usr/bin:/bin",
                 "AUDIENCE_POSTGRES_DSN": dsn,
@@ -168,8 +179,8 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 "AUDIENCE_REDIS_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
                 "AUDIENCE_LISTEN": engine_address,
                 "AUDIENCE_LOG_LEVEL": "warning",
-                # The bench's clients carry no API key.
-                "AUDIENCE_AUTH": "disabled",
+                # Authentication on, as deployed: every call pays for its key's check.
+                **keys.environ,
             }
             dataset = "bench"
             async with (
@@ -182,7 +193,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.5)
                 rows = await _seed(dsn, dataset, options.profiles)
                 log(f"{options.profiles:,} profiles, {rows:,} memberships")
-                await _warm(engine_address, dataset, options.profiles)
+                await _warm(engine_address, dataset, options.profiles, keys.client)
                 saturated = await _load(
                     engine_address,
                     "memberships",
@@ -190,11 +201,18 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                     options,
                     options.clients,
                     options.concurrency,
+                    keys.client,
                 )
                 log(f"ListMemberships saturated: {saturated}")
                 assert echo.returncode is None
                 baseline = await _load(
-                    echo_address, "echo", dataset, options, options.clients, options.concurrency
+                    echo_address,
+                    "echo",
+                    dataset,
+                    options,
+                    options.clients,
+                    options.concurrency,
+                    keys.client,
                 )
                 log(f"echo saturated: {baseline}")
                 light = await _load(
@@ -204,10 +222,17 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                     options,
                     1,
                     options.latency_concurrency,
+                    keys.client,
                 )
                 log(f"ListMemberships light load: {light}")
                 light_echo = await _load(
-                    echo_address, "echo", dataset, options, 1, options.latency_concurrency
+                    echo_address,
+                    "echo",
+                    dataset,
+                    options,
+                    1,
+                    options.latency_concurrency,
+                    keys.client,
                 )
                 log(f"echo light load: {light_echo}")
     ratio = saturated["rps"] / baseline["rps"] if baseline["rps"] else 0.0

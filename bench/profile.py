@@ -54,7 +54,15 @@ from audience.rules.aggregates import make_spec, plan_window
 from audience.rules.values import AttrValue, timestamp_from_micros, value_to_proto
 from audience.streams import Bus, Message
 from audience.v1 import common_pb2, event_pb2, profile_pb2, rule_pb2
-from bench._suite import free_port, log, scratch_database, servers, service, wait_serving
+from bench._suite import (
+    bench_keys,
+    free_port,
+    log,
+    scratch_database,
+    servers,
+    service,
+    wait_serving,
+)
 from services.ingest.validation import partition_key
 from services.profile.consumer import EVENTS, GROUP, declare_topics
 from services.profile.store import Registry
@@ -435,6 +443,9 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                     "AUDIENCE_LOG_LEVEL": "warning",
                     # Room for every visitor of the run (about 15 KB each).
                     "AUDIENCE_PROFILE_CACHE_SIZE": "50000",
+                    # Authentication on, as deployed (nothing here calls the service but its
+                    # health, which needs no key).
+                    **bench_keys().environ,
                     **dict(item.split("=", 1) for item in options.env),
                 }
                 total = await bus.backlog(EVENTS, GROUP)

@@ -38,7 +38,7 @@ from services.export.domain.files import (
     render_file_name,
     temporary_name,
 )
-from services.export.domain.model import Destination, ExportJob, ExportMode
+from services.export.domain.model import Destination, ExportJob, ExportMode, MemberSnapshot
 from services.export.domain.names import EXPORT_JOBS, SCHEDULES, child_name
 from services.export.ports import (
     Clock,
@@ -282,12 +282,12 @@ class JobRunner:
                     cursor = DeltaCursor(delta.resume_token, delta.end_time)
                     total = len(delta.rows)
                     pieces = self._producer.changes(job.dataset, delta.rows, layout, stats)
-            if snapshot and job.schedule_id is not None:
-                token = await self._producer.resume_point(job.dataset, spec.segment_ids)
-                cursor = DeltaCursor(token, started)
+        listed: list[MemberSnapshot] = []
         if pieces is None:
             total = await self._producer.count(job.dataset, spec.segment_ids)
-            pieces = self._producer.members(job.dataset, spec.segment_ids, layout, stats)
+            pieces = self._producer.members(
+                job.dataset, spec.segment_ids, layout, stats, snapshots=listed
+            )
         digest = hashlib.sha256()
         size = 0
         rows = 0
@@ -308,6 +308,11 @@ class JobRunner:
                 progress.rows = rows
                 progress.percent = min(_WRITE_SHARE, _WRITE_SHARE * rows / max(total, 1))
         end_time = self._clock.now()
+        if snapshot and job.schedule_id is not None:
+            # The next run reads the changes from where the first segment was listed: the
+            # file holds none of them for that segment, and the later segments' listings,
+            # read after it, hold some, which come again as repeats a receiver can apply.
+            cursor = DeltaCursor(listed[0].resume_token, listed[0].read_time)
         if cursor is not None and spec.mode is ExportMode.DELTA and not snapshot:
             end_time = cursor.time or end_time
             await self._store.set_delta_range(job, self.worker_id, start_time, end_time)

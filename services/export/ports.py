@@ -15,6 +15,7 @@ from services.export.domain.model import (
     Heartbeat,
     MemberPage,
     MembershipChange,
+    MemberSnapshot,
     ProfileData,
     Target,
 )
@@ -62,9 +63,12 @@ class MembershipReader(Protocol):
 
     async def count(self, dataset: str, segment_id: str) -> int: ...
 
-    def pages(self, dataset: str, segment_id: str, *, versions: bool) -> AsyncIterator[MemberPage]:
-        """Every current member of the segment, by member id, a page at a time; with
-        ``versions``, the pages carry the segment version of each membership."""
+    def pages(
+        self, dataset: str, segment_id: str, *, versions: bool
+    ) -> AsyncIterator[MemberSnapshot | MemberPage]:
+        """Every member of the segment as of one snapshot of the engine: first the snapshot,
+        then the members by member id, a page at a time; with ``versions``, the pages carry
+        the segment version of each membership."""
         ...
 
     def watch(

@@ -13,7 +13,7 @@ from audience.errors import unavailable
 from services.export.domain.csvrows import CsvLayout, DeltaRow
 from services.export.domain.delta import DeltaAccumulator
 from services.export.domain.files import SegmentStats
-from services.export.domain.model import ChangeKind, Heartbeat, MemberPage
+from services.export.domain.model import ChangeKind, Heartbeat, MemberPage, MemberSnapshot
 from services.export.domain.names import segment_name
 from services.export.ports import Clock, MembershipReader, ProfileReader
 
@@ -50,8 +50,7 @@ def _split(page: MemberPage) -> tuple[MemberPage, MemberPage]:
             segment_id=page.segment_id,
             member_ids=page.member_ids[lo:hi],
             versions=page.versions[lo:hi] if page.versions is not None else None,
-            join_seconds=page.join_seconds[lo:hi],
-            join_nanos=page.join_nanos[lo:hi],
+            join_micros=page.join_micros[lo:hi],
         )
 
     return part(0, half), part(half, None)
@@ -102,12 +101,15 @@ class CsvProducer:
         stats: dict[str, SegmentStats],
         *,
         versions: bool = True,
+        snapshots: list[MemberSnapshot] | None = None,
     ) -> AsyncIterator[Piece]:
-        """Every current member of each segment in turn, as pieces of CSV (no header).
+        """Every member of each segment in turn, each segment from one snapshot of the
+        engine, as pieces of CSV (no header).
 
         Members whose profile is gone when it is read (erased meanwhile) are left out.
         Without ``versions`` the segment versions are not read (nor counted in ``stats``)
-        unless the layout writes them.
+        unless the layout writes them. Each segment's snapshot is appended to
+        ``snapshots`` as its listing begins.
         """
         versions = versions or layout.needs_versions
         for segment_id in segment_ids:
@@ -115,6 +117,10 @@ class CsvProducer:
                 segment_id, SegmentStats(segment_name(dataset, segment_id))
             )
             async for page in self._members.pages(dataset, segment_id, versions=versions):
+                if isinstance(page, MemberSnapshot):
+                    if snapshots is not None:
+                        snapshots.append(page)
+                    continue
                 if page.versions is not None:
                     segment_stats.versions.update(page.versions)
                 pending = [page]
@@ -131,21 +137,6 @@ class CsvProducer:
                     segment_stats.joins += rows
                     if rows:
                         yield Piece(text, rows)
-
-    async def resume_point(self, dataset: str, segment_ids: Sequence[str]) -> str:
-        """A token of the change stream as of now, to be taken before a snapshot is read.
-
-        The first message watched from now will do, change or heartbeat: a change that was
-        streamed is committed, so a snapshot read afterwards already holds it, and changes
-        after the token that the snapshot also holds come again as harmless repeats.
-        """
-        async with asyncio.timeout(self._catch_up_timeout.total_seconds()):
-            async for item in self._members.watch(
-                dataset, segment_ids, None, None, self._heartbeat
-            ):
-                if item.resume_token:
-                    return item.resume_token
-        raise unavailable("the segment engine closed the change stream before a resume point")
 
     async def read_delta(
         self, dataset: str, segment_ids: Sequence[str], resume_token: str, until: datetime

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import operator
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
@@ -14,7 +13,7 @@ import grpc
 import grpc.aio
 from google.protobuf import json_format
 
-from audience.errors import AudienceError, decode
+from audience.errors import AudienceError, decode, unavailable
 from audience.v1 import (
     common_pb2,
     membership_pb2,
@@ -29,6 +28,7 @@ from services.export.domain.model import (
     Heartbeat,
     MemberPage,
     MembershipChange,
+    MemberSnapshot,
     ProfileData,
 )
 from services.export.domain.names import dataset_name, member_prefixes, segment_name
@@ -36,7 +36,6 @@ from services.export.ports import ResumePointExpiredError
 
 __all__ = ["MembershipClient", "ProfileClient", "peer_error"]
 
-PAGE_SIZE = 10_000
 _KINDS = {
     membership_pb2.MEMBERSHIP_CHANGE_KIND_JOIN: ChangeKind.JOIN,
     membership_pb2.MEMBERSHIP_CHANGE_KIND_LEAVE: ChangeKind.LEAVE,
@@ -73,27 +72,6 @@ def _member_ids(dataset: str, members: list[str]) -> list[str]:
     return [member[cut:] for member in members]
 
 
-_MEMBER = operator.attrgetter("member")
-_JOIN_TIME = operator.attrgetter("join_time")
-_VERSION = operator.attrgetter("segment_version")
-_SECONDS = operator.attrgetter("seconds")
-_NANOS = operator.attrgetter("nanos")
-
-
-def _page(dataset: str, segment_id: str, response: Any, versions: bool) -> MemberPage:
-    # Field by field over the whole page, each read in C (map with attrgetter): reading
-    # protobuf fields is most of what a large download costs here.
-    memberships = response.memberships
-    join_times = list(map(_JOIN_TIME, memberships))
-    return MemberPage(
-        segment_id=segment_id,
-        member_ids=_member_ids(dataset, list(map(_MEMBER, memberships))),
-        versions=list(map(_VERSION, memberships)) if versions else None,
-        join_seconds=list(map(_SECONDS, join_times)),
-        join_nanos=list(map(_NANOS, join_times)),
-    )
-
-
 def _time(timestamp: Any) -> datetime:
     moment: datetime = timestamp.ToDatetime(tzinfo=UTC)
     return moment
@@ -128,11 +106,8 @@ def _change(dataset: str, change: membership_pb2.MembershipChange) -> Membership
 class MembershipClient:
     """Reads members and changes from the segment engine."""
 
-    def __init__(
-        self, channel: grpc.aio.Channel, *, page_size: int = PAGE_SIZE, timeout: float = 60.0
-    ) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 60.0) -> None:
         self._stub = membership_service_pb2_grpc.MembershipServiceStub(channel)
-        self._page_size = page_size
         self._timeout = timeout
 
     async def count(self, dataset: str, segment_id: str) -> int:
@@ -148,35 +123,44 @@ class MembershipClient:
         count: int = response.count
         return count
 
-    async def _list(self, parent: str, token: str) -> Any:
-        try:
-            return await self._stub.ListSegmentMembers(
-                membership_service_pb2.ListSegmentMembersRequest(
-                    parent=parent, page_size=self._page_size, page_token=token
-                ),
-                timeout=self._timeout,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise peer_error("segment engine", error) from None
-
     async def pages(
         self, dataset: str, segment_id: str, *, versions: bool
-    ) -> AsyncIterator[MemberPage]:
-        parent = segment_name(dataset, segment_id)
-        pending: asyncio.Task[Any] = asyncio.ensure_future(self._list(parent, ""))
+    ) -> AsyncIterator[MemberSnapshot | MemberPage]:
+        call = self._stub.StreamSegmentMembers(
+            membership_service_pb2.StreamSegmentMembersRequest(
+                parent=segment_name(dataset, segment_id), include_segment_versions=versions
+            )
+        )
         try:
             while True:
-                response = await pending
-                token = response.next_page_token
-                if token:
-                    # The next page is on its way while the caller handles this one.
-                    pending = asyncio.ensure_future(self._list(parent, token))
-                yield _page(dataset, segment_id, response, versions)
-                if not token:
+                # No deadline on the whole listing, which takes as long as the segment is
+                # big and its reader slow; an engine that sends nothing for this long is
+                # stuck.
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        response = await call.read()
+                except TimeoutError:
+                    raise unavailable(
+                        f"segment engine: no members for {self._timeout:.0f}s while listing"
+                        f" {segment_name(dataset, segment_id)}"
+                    ) from None
+                if response is grpc.aio.EOF:
                     return
+                if response.HasField("snapshot"):
+                    snapshot = response.snapshot
+                    yield MemberSnapshot(snapshot.resume_token, _time(snapshot.read_time))
+                # Whole columns copied out of the message at once: a large download costs
+                # little more than its CSV formatting here.
+                yield MemberPage(
+                    segment_id=segment_id,
+                    member_ids=list(response.member_ids),
+                    versions=list(response.segment_versions) if versions else None,
+                    join_micros=list(response.join_time_micros),
+                )
+        except grpc.aio.AioRpcError as error:
+            raise peer_error("segment engine", error) from None
         finally:
-            if not pending.done():
-                pending.cancel()
+            call.cancel()
 
     async def watch(
         self,

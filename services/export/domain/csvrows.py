@@ -95,11 +95,11 @@ def rfc3339(moment: datetime) -> str:
 
 
 class TimeFormatter:
-    """Formats protobuf-style (seconds, nanos) instants as :func:`rfc3339` does.
+    """Formats instants in microseconds since the Unix epoch as :func:`rfc3339` does.
 
     The part down to the second is cached (members imported or backfilled together share
-    their join second), so a page's times cost a dictionary look-up and an integer division
-    each, both done in C.
+    their join second), so a page's times cost a dictionary look-up and two integer
+    operations each, all done in C.
     """
 
     _LIMIT = 65536
@@ -112,22 +112,23 @@ class TimeFormatter:
         self._seconds[seconds] = base
         return base
 
-    def format(self, seconds: int, nanos: int) -> str:
+    def format(self, micros: int) -> str:
+        seconds, fraction = divmod(micros, 1_000_000)
         base = self._seconds.get(seconds) or self._base(seconds)
-        return f"{base}.{nanos // 1000:06d}Z"
+        return f"{base}.{fraction:06d}Z"
 
-    def bases(self, seconds: Sequence[int]) -> list[str]:
-        """``YYYY-MM-DDTHH:MM:SS`` of each instant."""
+    def columns(self, micros: Sequence[int]) -> tuple[list[str], list[int]]:
+        """``YYYY-MM-DDTHH:MM:SS`` of each instant, and its microseconds past the second."""
+        seconds = list(map(operator.floordiv, micros, repeat(1_000_000)))
         cache = self._seconds
         if len(cache) >= self._LIMIT:
             cache.clear()
         for missing in set(seconds).difference(cache):
             self._base(missing)
-        return list(map(cache.__getitem__, seconds))
-
-    @staticmethod
-    def micros(nanos: Sequence[int]) -> list[int]:
-        return list(map(operator.floordiv, nanos, repeat(1000)))
+        return (
+            list(map(cache.__getitem__, seconds)),
+            list(map(operator.mod, micros, repeat(1_000_000))),
+        )
 
 
 def lookup_attribute(attributes: Mapping[str, AttributeValue], path: str) -> AttributeValue:
@@ -280,7 +281,7 @@ class CsvLayout:
         """
         ids = page.member_ids
         versions = page.versions
-        seconds, nanos = page.join_seconds, page.join_nanos
+        join_micros = page.join_micros
         found: list[ProfileData] = []
         if self.needs_profiles:
             if profiles is None:
@@ -289,8 +290,7 @@ class CsvLayout:
             if len(keep) != len(ids):
                 ids = [ids[i] for i in keep]
                 versions = [versions[i] for i in keep] if versions is not None else None
-                seconds = [seconds[i] for i in keep]
-                nanos = [nanos[i] for i in keep]
+                join_micros = [join_micros[i] for i in keep]
             found = [profiles[member] for member in ids]  # type: ignore[misc]
         count = len(ids)
         if count == 0:
@@ -309,7 +309,7 @@ class CsvLayout:
                     template.append(escape_cell(page.segment_id).replace("%", "%%"))
                 elif field in (ExportField.JOIN_TIME, ExportField.CHANGE_TIME):
                     if times is None:
-                        times = (self._times.bases(seconds), self._times.micros(nanos))
+                        times = self._times.columns(join_micros)
                     template.append("%s.%06dZ")
                     slots.extend(times)
                 elif field is ExportField.CHANGE:

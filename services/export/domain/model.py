@@ -24,6 +24,7 @@ __all__ = [
     "JobSpec",
     "JobState",
     "MemberPage",
+    "MemberSnapshot",
     "MembershipChange",
     "ProfileData",
     "Schedule",
@@ -229,11 +230,21 @@ class MemberPage:
     member_ids: Sequence[str]
     versions: Sequence[int] | None
     """The segment version each member joined under; None when it was not asked for."""
-    join_seconds: Sequence[int]
-    join_nanos: Sequence[int]
+    join_micros: Sequence[int]
+    """When each member joined, in microseconds since the Unix epoch."""
 
     def __len__(self) -> int:
         return len(self.member_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSnapshot:
+    """The engine's snapshot that a listing of a segment's members is read from."""
+
+    resume_token: str
+    """The change stream's position at the snapshot: watching from it delivers every change
+    the listing does not hold, and none that it does."""
+    read_time: datetime
 
 
 @dataclass(frozen=True, slots=True)

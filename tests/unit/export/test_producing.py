@@ -18,6 +18,7 @@ from services.export.domain.model import (
     IdentityColumn,
     MemberPage,
     MembershipChange,
+    MemberSnapshot,
     ProfileData,
 )
 from services.export.ports import SystemClock
@@ -27,7 +28,8 @@ T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
 
 class Members:
-    """Pages and a scripted change stream, as the segment engine would give them."""
+    """Pages (each segment's after a snapshot) and a scripted change stream, as the segment
+    engine would give them."""
 
     def __init__(
         self,
@@ -43,7 +45,8 @@ class Members:
 
     async def pages(
         self, dataset: str, segment_id: str, *, versions: bool
-    ) -> AsyncIterator[MemberPage]:
+    ) -> AsyncIterator[MemberSnapshot | MemberPage]:
+        yield MemberSnapshot(f"token-{segment_id}", T0)
         for page in self._pages.get(segment_id, ()):
             yield page
 
@@ -74,7 +77,7 @@ class Profiles:
 
 def page(segment: str, *ids: str) -> MemberPage:
     count = len(ids)
-    return MemberPage(segment, list(ids), [1] * count, [1_714_521_600] * count, [0] * count)
+    return MemberPage(segment, list(ids), [1] * count, [1_714_521_600_000_000] * count)
 
 
 def change(member: str, kind: ChangeKind, sequence: int, at: datetime) -> MembershipChange:
@@ -181,12 +184,13 @@ async def test_a_change_stream_that_ends_before_catching_up_fails_the_read() -> 
         await producer(Members({}, stream)).read_delta("d", ["s"], "t", T0 + timedelta(hours=1))
 
 
-async def test_a_snapshot_resume_point_is_the_first_message_of_a_watch_from_now() -> None:
-    stream: list[MembershipChange | Heartbeat] = [
-        change("p1", ChangeKind.JOIN, 1, T0),
-        Heartbeat("h1", T0),
-        Heartbeat("h2", T0),
-    ]
+async def test_each_segment_listed_reports_its_snapshot_empty_ones_too() -> None:
+    members = Members({"a": [page("a", "p1")], "c": [page("c", "p2")]})
+    snapshots: list[MemberSnapshot] = []
+    layout = CsvLayout([], ExportMode.FULL)
 
-    assert await producer(Members({}, stream)).resume_point("d", ["s"]) == "t1"
-    assert await producer(Members({}, stream[1:])).resume_point("d", ["s"]) == "h1"
+    pieces = producer(members).members("d", ["a", "b", "c"], layout, {}, snapshots=snapshots)
+    rows = [piece.rows async for piece in pieces]
+
+    assert rows == [1, 1]
+    assert [s.resume_token for s in snapshots] == ["token-a", "token-b", "token-c"]

@@ -13,6 +13,7 @@ import pytest
 
 from audience import errors
 from audience.errors import AudienceError, DecodedError, FieldViolation
+from audience.v1 import segment_service_pb2
 
 SERVICE = "audience.test.Errors"
 
@@ -179,6 +180,36 @@ async def _ok(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return request
 
 
+async def _echoes_name(
+    request: segment_service_pb2.GetSegmentRequest, context: grpc.aio.ServicerContext
+) -> segment_service_pb2.GetSegmentResponse:
+    raise errors.not_found("audience.dev/Segment", request.name)
+
+
+async def _careless_import(
+    requests: AsyncIterator[segment_service_pb2.ImportSegmentMembersRequest],
+    context: grpc.aio.ServicerContext,
+) -> segment_service_pb2.ImportSegmentMembersResponse:
+    # Ends the upload as if complete when the request stream fails: the client must
+    # still learn that a message did not parse.
+    received = 0
+    try:
+        async for _ in requests:
+            received += 1
+    except AudienceError:
+        pass
+    return segment_service_pb2.ImportSegmentMembersResponse(joined_count=received)
+
+
+async def _validates(
+    request: segment_service_pb2.ValidateRuleRequest, context: grpc.aio.ServicerContext
+) -> segment_service_pb2.ValidateRuleResponse:
+    return segment_service_pb2.ValidateRuleResponse(rule_text="ok")
+
+
+TYPED = "audience.test.Typed"
+
+
 @pytest.fixture(scope="module")
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
     server = grpc.aio.server(interceptors=[errors.ErrorInterceptor()])
@@ -199,6 +230,28 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
     )
     server.add_registered_method_handlers(
         "audience.test.Registered", {"Get": grpc.unary_unary_rpc_method_handler(_registered)}
+    )
+    server.add_registered_method_handlers(
+        TYPED,
+        {
+            "Get": grpc.unary_unary_rpc_method_handler(
+                _echoes_name,
+                request_deserializer=segment_service_pb2.GetSegmentRequest.FromString,
+                response_serializer=segment_service_pb2.GetSegmentResponse.SerializeToString,
+            ),
+            "Validate": grpc.unary_unary_rpc_method_handler(
+                _validates,
+                request_deserializer=segment_service_pb2.ValidateRuleRequest.FromString,
+                response_serializer=segment_service_pb2.ValidateRuleResponse.SerializeToString,
+            ),
+            "Import": grpc.stream_unary_rpc_method_handler(
+                _careless_import,
+                request_deserializer=segment_service_pb2.ImportSegmentMembersRequest.FromString,
+                response_serializer=(
+                    segment_service_pb2.ImportSegmentMembersResponse.SerializeToString
+                ),
+            ),
+        },
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -310,3 +363,83 @@ async def test_an_unknown_method_stays_unimplemented(channel: grpc.aio.Channel) 
 
     assert decoded.code == grpc.StatusCode.UNIMPLEMENTED
     assert decoded.reason == ""
+
+
+async def test_an_error_echoing_a_huge_input_reaches_the_client_as_itself(
+    channel: grpc.aio.Channel,
+) -> None:
+    name = "datasets/shop/segments/" + "é" * 50_000
+    request = segment_service_pb2.GetSegmentRequest(name=name).SerializeToString()
+    decoded = await _unary_error(channel, f"/{TYPED}/Get", request)
+
+    assert decoded.code == grpc.StatusCode.NOT_FOUND
+    assert decoded.reason == "NOT_FOUND"
+    assert decoded.resource_name is not None
+    assert name.startswith(decoded.resource_name.removesuffix("…"))
+
+
+def _nested_rule_request(depth: int) -> bytes:
+    request = segment_service_pb2.ValidateRuleRequest(parent="datasets/shop")
+    rule = request.rule
+    for _ in range(depth):
+        rule = rule.negation
+    rule.attribute.path = "plan"
+    return request.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "field"),
+    [
+        (
+            segment_service_pb2.GetSegmentRequest(name="ab").SerializeToString()[:-1] + b"\xff",
+            "name",
+        ),
+        (b"\x0a\x02\xc3\x28", "name"),
+        (b"\x0a\x05ab", ""),
+        (b"\xff\xff\xff", ""),
+    ],
+    ids=["utf8-at-the-end", "utf8", "truncated", "garbage"],
+)
+async def test_a_request_that_does_not_parse_is_invalid_argument_naming_the_field(
+    channel: grpc.aio.Channel, request_bytes: bytes, field: str
+) -> None:
+    decoded = await _unary_error(channel, f"/{TYPED}/Get", request_bytes)
+
+    assert (decoded.code, decoded.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert [v.field for v in decoded.violations] == ([field] if field else [])
+
+
+async def test_nesting_past_the_parser_limit_is_invalid_argument_naming_the_nested_field(
+    channel: grpc.aio.Channel,
+) -> None:
+    decoded = await _unary_error(channel, f"/{TYPED}/Validate", _nested_rule_request(150))
+
+    assert (decoded.code, decoded.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert decoded.violations[0].field.startswith("rule.negation.negation")
+
+
+async def test_nesting_within_the_parser_limit_reaches_the_handler(
+    channel: grpc.aio.Channel,
+) -> None:
+    response = await channel.unary_unary(f"/{TYPED}/Validate")(_nested_rule_request(90), timeout=10)
+
+    assert segment_service_pb2.ValidateRuleResponse.FromString(response).rule_text == "ok"
+
+
+async def test_a_malformed_message_in_a_request_stream_fails_the_call_even_if_swallowed(
+    channel: grpc.aio.Channel,
+) -> None:
+    good = segment_service_pb2.ImportSegmentMembersRequest(
+        segment="datasets/shop/segments/s"
+    ).SerializeToString()
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield good
+        yield good[:-1] + b"\xff"
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.stream_unary(f"/{TYPED}/Import")(requests(), timeout=10)
+
+    decoded = errors.decode(caught.value)
+    assert (decoded.code, decoded.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert [v.field for v in decoded.violations] == ["segment"]

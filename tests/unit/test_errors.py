@@ -50,3 +50,34 @@ def test_the_exception_reads_as_its_message() -> None:
 
     assert str(error) == "Stale etag."
     assert repr(error) == "AudienceError(ABORTED, 'ETAG_MISMATCH', 'Stale etag.')"
+
+
+def test_a_status_echoing_an_oversized_input_stays_small_enough_for_the_trailers() -> None:
+    huge = "é" * 100_000
+    status = errors.AudienceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ECHOED",
+        f"Bad name {huge!r}.",
+        metadata={"name": huge},
+        violations=tuple(FieldViolation(f"names[{i}]", f"bad: {huge}") for i in range(1_000)),
+        resource_type="audience.dev/Segment",
+        resource_name=huge,
+    ).to_status()
+
+    assert len(status.message.encode()) <= errors.MAX_MESSAGE_BYTES
+    assert status.message.endswith("more field violations left out.)")
+    assert sum(detail.ByteSize() for detail in status.details) <= errors.MAX_DETAILS_BYTES + 64
+    bad_request = error_details_pb2.BadRequest.FromString(status.details[1].value)
+    assert bad_request.field_violations[0].field == "names[0]"
+    assert bad_request.field_violations[0].description.endswith("…")
+    info = error_details_pb2.ErrorInfo.FromString(status.details[0].value)
+    assert len(info.metadata["name"].encode()) <= errors.MAX_TEXT_BYTES
+
+
+def test_a_status_within_the_limits_is_sent_as_it_is() -> None:
+    name = "datasets/shop/profiles/" + "p" * 256
+    status = errors.not_found("audience.dev/Profile", name).to_status()
+
+    info = error_details_pb2.ErrorInfo.FromString(status.details[0].value)
+    assert info.metadata["resource_name"] == name
+    assert status.message == f"audience.dev/Profile {name!r} not found."

@@ -647,8 +647,19 @@ _PLANS = _Plans(RESOURCE_FIELDS)
 
 
 def top_level_resource_fields(message: Message) -> list[str]:
-    """The names of ``message``'s own fields that hold resource names (``parent``, …)."""
-    return [f.name for f in _PLANS.plan(cast(Descriptor, message.DESCRIPTOR)).names]
+    """The fields that name what a request is about: its own (``parent``, ``name``, …) or,
+    for a request that wraps its resource (``UpdateSegmentRequest``), the resource's
+    (``segment.name``)."""
+    plan = _PLANS.plan(cast(Descriptor, message.DESCRIPTOR))
+    if plan.names:
+        return [f.name for f in plan.names]
+    return [
+        f"{wrapper.name}.{inner.name}"
+        for wrapper in plan.nested
+        if not wrapper.is_repeated and wrapper.message_type is not None
+        for inner in _PLANS.plan(wrapper.message_type).names
+        if inner.name == "name"
+    ]
 
 
 def requested_datasets(message: Message) -> list[tuple[str, str]]:

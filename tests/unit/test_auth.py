@@ -20,6 +20,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
 
 import audience.v1
 from audience.auth import (
@@ -34,6 +35,7 @@ from audience.auth import (
     parse_api_keys,
     read_dev_key,
     requested_datasets,
+    top_level_resource_fields,
 )
 from audience.config import CommonConfig, ConfigError
 from audience.errors import AudienceError
@@ -631,3 +633,14 @@ def test_check_command_validates_and_describes_security() -> None:
         "enabled (the key this service presents to the others; its sha256 must be in "
         'AUDIENCE_API_KEYS with datasets ["*"] and scopes read and write)'
     )
+
+
+def test_a_request_naming_no_dataset_is_told_the_field_even_when_it_wraps_its_resource() -> None:
+    # DATASET_REQUIRED is an INVALID_ARGUMENT, whose field violations must name a field.
+    for service in _services():
+        for method in service.methods:
+            request = GetMessageClass(method.input_type)()
+            assert top_level_resource_fields(request), method.full_name
+    wrapped = segment_service_pb2.UpdateSegmentRequest()
+    assert top_level_resource_fields(wrapped) == ["segment.name"]
+    assert top_level_resource_fields(segment_service_pb2.GetSegmentRequest()) == ["name"]

@@ -54,7 +54,7 @@ class DevKey:
     key: str = field(repr=False)
     path: Path
     created: bool
-    """Whether this run made it (else it was kept from an earlier run)."""
+    """Whether this run made it (else it was already in the data directory)."""
 
 
 @dataclass(frozen=True)

@@ -128,12 +128,12 @@ async def _list_segments(address: str, metadata: tuple[tuple[str, str], ...] = (
         )
 
 
-async def test_audience_up_prints_a_development_key_and_refuses_calls_without_it(
+async def test_audience_up_by_default_prints_a_development_key_and_refuses_calls_without_it(
     tmp_path: Path,
 ) -> None:
     address = f"127.0.0.1:{_free_port()}"
     data = tmp_path / "data"
-    process = await _audience_up(_embedded_environment(address, data, AUDIENCE_AUTH="enabled"))
+    process = await _audience_up(_embedded_environment(address, data))
     try:
         await _wait_until_serving(address, process)
         key_file = data / "dev-api-key"
@@ -163,5 +163,5 @@ async def test_audience_up_prints_a_development_key_and_refuses_calls_without_it
     assert errors.decode(anonymous.value).reason == "API_KEY_MISSING"
     assert errors.decode(wrong.value).code == grpc.StatusCode.UNAUTHENTICATED
     assert listed.exit_code == 0, listed.output
-    assert f"API key:    {key}" in text
-    assert "made now" in text
+    assert f"API key:    {key} (development key, made now)" in text
+    assert "Authentication is OFF" not in text

@@ -29,7 +29,7 @@ async def run(suite: RunningSuite, dataset: str, *args: str, input: str | None =
         [args[0], args[1], "--address", suite.address, "--dataset", dataset, *args[2:]],
         input=input,
         # Wide enough that tables do not wrap their cells.
-        env={"COLUMNS": "240"},
+        env={"COLUMNS": "240", "AUDIENCE_API_KEY": suite.api_key},
     )
 
 

@@ -2,7 +2,8 @@
 
 The Node.js test creates `cart.value < 100`, sends the $100 example's two carts through
 ingest and hears the join and the leave on the change stream, through @grpc/grpc-js with
-the protos loaded from protos/. Its dependencies come from `make node-deps`.
+the protos loaded from protos/, calling with the suite's API key. Its dependencies come
+from `make node-deps`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ async def test_node_client_hears_the_join_and_leave_of_the_100_dollar_cart(
         environ = {
             key: value for key, value in os.environ.items() if not key.startswith("AUDIENCE_")
         }
-        environ |= {"AUDIENCE_ADDRESS": suite.address, "AUDIENCE_DATASET": new_dataset()}
+        environ |= {
+            "AUDIENCE_ADDRESS": suite.address,
+            "AUDIENCE_DATASET": new_dataset(),
+            "AUDIENCE_API_KEY": suite.api_key,
+        }
         # The services are in this process's event loop, so node must run beside it,
         # not block it.
         process = await asyncio.create_subprocess_exec(

@@ -481,14 +481,15 @@ async def test_bad_input_is_invalid_argument_naming_the_field(start_suite: Start
             assert field in await _invalid(call), field
 
 
-async def _cli(address: str, dataset: str, *args: str, input: str | None = None) -> Result:
+async def _cli(suite: RunningSuite, dataset: str, *args: str, input: str | None = None) -> Result:
     runner = CliRunner()
     # The CLI runs its own event loop: off this one's thread.
     return await asyncio.to_thread(
         runner.invoke,
         cli,
-        [args[0], args[1], "--address", address, "--dataset", dataset, *args[2:]],
+        [args[0], args[1], "--address", suite.address, "--dataset", dataset, *args[2:]],
         input=input,
+        env={"AUDIENCE_API_KEY": suite.api_key},
         catch_exceptions=False,
     )
 
@@ -509,32 +510,32 @@ async def test_profiles_and_accounts_from_the_command_line(start_suite: StartSui
             ),
         )
         await s.until("cli-1", 2)
-        address, dataset = s.running.address, s.dataset
+        running, dataset = s.running, s.dataset
 
-        shown = await _cli(address, dataset, "profiles", "get", "cli-1")
+        shown = await _cli(running, dataset, "profiles", "get", "cli-1")
         assert shown.exit_code == 0, shown.output
         assert "plan" in shown.output
         assert "gold" in shown.output
         assert "/pricing" in shown.output
         as_json = await _cli(
-            address, dataset, "profiles", "get", "--identity", "email=cli@example.com", "--json"
+            running, dataset, "profiles", "get", "--identity", "email=cli@example.com", "--json"
         )
         assert as_json.exit_code == 0, as_json.output
         assert json.loads(as_json.stdout)["name"] == s.name("cli-1")
 
-        account = await _cli(address, dataset, "accounts", "get", "initech")
+        account = await _cli(running, dataset, "accounts", "get", "initech")
         assert account.exit_code == 0, account.output
         assert "cli-1" in account.output
         assert "users" in account.output
 
-        missing = await _cli(address, dataset, "profiles", "get", "nobody")
+        missing = await _cli(running, dataset, "profiles", "get", "nobody")
         assert missing.exit_code == 1
         assert "NOT_FOUND" in missing.output
 
-        refused = await _cli(address, dataset, "profiles", "erase", "cli-1", input="n\n")
+        refused = await _cli(running, dataset, "profiles", "erase", "cli-1", input="n\n")
         assert refused.exit_code == 1
         await s.until("cli-1", 2)
-        erased = await _cli(address, dataset, "profiles", "erase", "cli-1", "--yes")
+        erased = await _cli(running, dataset, "profiles", "erase", "cli-1", "--yes")
         assert erased.exit_code == 0, erased.output
         assert "events deleted" in erased.output
         assert (await s.gone("cli-1")).code() == grpc.StatusCode.NOT_FOUND

@@ -73,15 +73,19 @@ def _print_security(console: Console, security: Security) -> None:
     console.print(f"TLS:        {'off' if tls is None else ('mutual' if tls.mutual else 'on')}")
     if security.keys is None:
         console.print(
-            "[bold red]Authentication is OFF:[/bold red] every caller may read and change "
-            "every dataset (AUDIENCE_AUTH=disabled, or no keys configured)."
+            "[bold red]Authentication is OFF (AUDIENCE_AUTH=disabled):[/bold red] every "
+            "caller may read and change every dataset."
         )
     elif security.dev_key is None:
         console.print("API keys:   as configured (docs/security.md)")
     else:
         dev = security.dev_key
-        made = "made now" if dev.created else "kept from an earlier run"
-        console.print(f"API key:    [bold]{escape(dev.key)}[/bold] (development key, {made})")
+        origin = "made now" if dev.created else "already in the data folder"
+        # Never wrapped: the key is copied from here.
+        console.print(
+            f"API key:    [bold]{escape(dev.key)}[/bold] (development key, {origin})",
+            soft_wrap=True,
+        )
         where = escape(str(dev.path.resolve()))
         console.print(f"            in {where}, where the audience CLI finds it;")
         console.print("            other clients send `authorization: Bearer <key>`")
@@ -103,9 +107,10 @@ def up() -> None:
     With AUDIENCE_POSTGRES_DSN and AUDIENCE_REDIS_URL unset, starts an embedded PostgreSQL and
     Redis that keep their data under AUDIENCE_DATA_DIR (./data). Ctrl-C stops everything.
 
-    Calls need an API key when AUDIENCE_API_KEYS (or AUDIENCE_API_KEYS_FILE) is set, or
-    AUDIENCE_AUTH=enabled: without configured keys, a development key is made once under
-    AUDIENCE_DATA_DIR, printed, and read from there by the other commands.
+    Every call needs an API key: those of AUDIENCE_API_KEYS (or AUDIENCE_API_KEYS_FILE) or,
+    when none are configured, a development key made once under AUDIENCE_DATA_DIR, printed
+    at every start, and read from there by the other commands. AUDIENCE_AUTH=disabled
+    serves without keys, to every caller.
     """
     from audience.service import serve
     from services.registry import SERVICES

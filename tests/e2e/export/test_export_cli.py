@@ -21,6 +21,7 @@ async def run(feeds: Feeds, *args: str) -> Result:
         CliRunner().invoke,
         cli,
         ["export", args[0], *args[1:], "--address", feeds.suite.address],
+        env={"AUDIENCE_API_KEY": feeds.suite.api_key},
         catch_exceptions=False,
     )
 

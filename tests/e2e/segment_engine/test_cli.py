@@ -10,7 +10,7 @@ from click.testing import CliRunner, Result
 
 from audience.cli.main import cli
 from services.segment_engine.app import DEFINITION
-from tests.e2e.conftest import StartSuite, new_dataset
+from tests.e2e.conftest import RunningSuite, StartSuite, new_dataset
 from tests.e2e.segment_engine.harness import (
     Clients,
     Feed,
@@ -22,8 +22,9 @@ from tests.e2e.segment_engine.harness import (
 pytestmark = pytest.mark.e2e
 
 
-async def _run(address: str, dataset: str, *args: str) -> Result:
+async def _run(suite: RunningSuite, dataset: str, *args: str) -> Result:
     runner = CliRunner()
+    address = suite.address
     # The CLI runs its own event loop: off this one's thread.
     return await asyncio.to_thread(
         runner.invoke,
@@ -31,6 +32,7 @@ async def _run(address: str, dataset: str, *args: str) -> Result:
         [*args[:2], "--address", address, "--dataset", dataset, *args[2:]]
         if args[0] == "segments"
         else [args[0], "--address", address, "--dataset", dataset, *args[1:]],
+        env={"AUDIENCE_API_KEY": suite.api_key},
         catch_exceptions=False,
     )
 
@@ -50,21 +52,21 @@ async def test_segments_explain_and_members_from_the_command_line(
         )
         await asyncio.sleep(0.5)
         created = await _run(
-            suite.address, dataset, "segments", "create", "pro", "--rule", 'attributes.plan = "pro"'
+            suite, dataset, "segments", "create", "pro", "--rule", 'attributes.plan = "pro"'
         )
         assert created.exit_code == 0, created.output
         assert json.loads(created.stdout)["member_count"] == "3"
-        listed = await _run(suite.address, dataset, "segments", "list")
+        listed = await _run(suite, dataset, "segments", "list")
         assert "pro" in listed.output
         assert "active" in listed.output
-        members = await _run(suite.address, dataset, "members", "pro")
+        members = await _run(suite, dataset, "members", "pro")
         assert members.stdout.split() == ["p1", "p3", "p5"]
-        explained = await _run(suite.address, dataset, "explain", "p2", "pro")
+        explained = await _run(suite, dataset, "explain", "p2", "pro")
         assert "is not a member" in explained.output
         assert 'attributes.plan = "pro"' in explained.output
-        bad = await _run(suite.address, dataset, "segments", "create", "x", "--rule", "nope ==")
+        bad = await _run(suite, dataset, "segments", "create", "x", "--rule", "nope ==")
         assert bad.exit_code != 0
         assert "INVALID_ARGUMENT" in bad.output
-        deleted = await _run(suite.address, dataset, "segments", "delete", "pro")
+        deleted = await _run(suite, dataset, "segments", "delete", "pro")
         assert deleted.exit_code == 0
         await Clients(suite.channel).eventually_segments(dataset, "p1", set())

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import gc
 from importlib.resources import files
 
 from audience.server import ServiceUnit
 from audience.service import Resources, ServiceDefinition
+from audience.streams import ConsumerLag
 from audience.v1 import ingest_service_pb2_grpc
 from services.ingest.appender import EVENTS_TOPIC, Appender
 from services.ingest.backlog import BacklogGauge
@@ -24,6 +26,20 @@ TOPICS = {EVENTS_TOPIC: (PROFILE_GROUP,), FAILED_EVENTS_TOPIC: (INGEST_GROUP,)}
 """The topics ingest publishes or consumes, with the groups declared on each."""
 
 
+# Ingest makes and drops thousands of objects the cycle collector tracks per call (upb's
+# message wrappers among them): at the default threshold of 700, a young collection every
+# few hundred events, 5-8% of ingest's CPU (measured in bench.ingest).
+_YOUNG_COLLECTION_THRESHOLD = 20_000
+
+
+def _tune_garbage_collection() -> None:
+    young, *older = gc.get_threshold()
+    if young < _YOUNG_COLLECTION_THRESHOLD:
+        gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, *older)
+    # What exists at startup lives as long as the process: full collections skip it.
+    gc.freeze()
+
+
 async def build(resources: Resources) -> ServiceUnit:
     config = IngestConfig.from_env(resources.environ)
     bus = resources.bus
@@ -38,9 +54,15 @@ async def build(resources: Resources) -> ServiceUnit:
         interval=config.backlog_interval,
     )
     await gauge.measure()
-    ingestor = Ingestor(Appender(bus, window=config.dedup_window), gauge, partitions=bus.partitions)
+    ingestor = Ingestor(
+        Appender(bus, window=config.dedup_window),
+        gauge,
+        partitions=bus.partitions,
+        meter=resources.telemetry.meter("services.ingest"),
+    )
     failed = FailedEvents(FailedEventStore(resources.postgres), bus)
     servicer = IngestServicer(ingestor, failed, stream_depth=config.stream_depth)
+    _tune_garbage_collection()
     return ServiceUnit(
         name="ingest",
         service_names=("audience.v1.IngestService",),
@@ -49,7 +71,19 @@ async def build(resources: Resources) -> ServiceUnit:
         ),
         background=(
             gauge.run,
-            functools.partial(consume_failed_events, bus, failed, name=config.consumer_name),
+            functools.partial(
+                consume_failed_events,
+                bus,
+                failed,
+                name=config.consumer_name,
+                tracer=resources.telemetry.tracer("services.ingest"),
+            ),
+            ConsumerLag(
+                bus,
+                resources.telemetry.meter("services.ingest"),
+                topic=FAILED_EVENTS_TOPIC,
+                group=INGEST_GROUP,
+            ).run,
             functools.partial(bus.trim_forever, TOPICS),
         ),
     )

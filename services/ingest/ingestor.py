@@ -134,6 +134,7 @@ class Ingestor:
         capacity: refuses work while the pipeline is too far behind.
         partitions: the bus's partition count.
         clock: the receipt time, in nanoseconds since the epoch.
+        meter: counts the events by outcome; OpenTelemetry's no-op meter by default.
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class Ingestor:
         *,
         partitions: int,
         clock: Callable[[], int] = time.time_ns,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self._sink = sink
         self._capacity = capacity
@@ -153,8 +155,7 @@ class Ingestor:
         self._partition_cache: dict[str, int] = {}
         self._records: dict[str, DatasetRecords] = {}
         self._dedup_prefixes: dict[tuple[str, int], str] = {}
-        meter = metrics.get_meter("services.ingest")
-        events = meter.create_counter(
+        events = (meter or metrics.NoOpMeter(__name__)).create_counter(
             "audience.ingest.events",
             unit="{event}",
             description="Events received by ingest, by outcome (accepted, duplicate, rejected).",
@@ -222,22 +223,19 @@ class Ingestor:
         for index in violations:
             statuses[index] = EventStatus.REJECTED
         # Whole columns at a time, the valid events' only.
-        valid = (
-            [i for i in range(len(events)) if i not in violations]
-            if violations
-            else range(len(events))
-        )
-        keys = list(map(checked.keys.__getitem__, valid))
+        keys, names, seconds, nanos = checked.keys, checked.names, checked.seconds, checked.nanos
+        valid: Sequence[int] = range(len(events))
+        if violations:
+            valid = [i for i in valid if i not in violations]
+            encodings = list(map(encodings.__getitem__, valid))
+            keys = list(map(keys.__getitem__, valid))
+            names = list(map(names.__getitem__, valid))
+            seconds = list(map(seconds.__getitem__, valid))
+            nanos = list(map(nanos.__getitem__, valid))
         fields = self._fields
         records = self._dataset_records(dataset).records(
-            list(map(encodings.__getitem__, valid)),
-            (
-                fields.names(list(map(checked.names.__getitem__, valid))),
-                fields.timestamps(
-                    list(map(checked.seconds.__getitem__, valid)),
-                    list(map(checked.nanos.__getitem__, valid)),
-                ),
-            ),
+            encodings,
+            (fields.names(names), fields.timestamps(seconds, nanos)),
             receipt_fields(received_ns, timestamp=False),
         )
         cached = list(map(self._partition_cache.get, keys))

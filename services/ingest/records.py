@@ -96,6 +96,10 @@ class EventFields:
         ``nanos`` always takes five bytes, the last groups of seven bits perhaps zero: a
         longer varint than protobuf writes, which every parser reads.
         """
+        count = len(seconds)
+        if count > 1 and seconds.count(seconds[0]) == count == nanos.count(nanos[0]):
+            # One time for all (their receipt time): encoded once.
+            return self.timestamps(seconds[:1], nanos[:1]) * count
         # The events of a call are seconds apart at most: each distinct second is encoded
         # once, with the tags and length around it.
         heads = {

@@ -146,6 +146,7 @@ class _Watcher:
                 await queue.put(item)
 
         reader = asyncio.create_task(read())
+        getter: asyncio.Future[MembershipChange | Heartbeat] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -176,6 +177,10 @@ class _Watcher:
                 if deliveries:
                     manager.on_deliveries()
         finally:
+            # Cancelled while waiting (the subscription changed, or shutdown), the getter
+            # would be left pending and destroyed with the queue.
+            if getter is not None:
+                getter.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader

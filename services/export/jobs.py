@@ -37,6 +37,7 @@ from services.export.domain.files import (
     manifest_name,
     render_file_name,
     temporary_name,
+    unclaimed_name,
 )
 from services.export.domain.model import Destination, ExportJob, ExportMode, MemberSnapshot
 from services.export.domain.names import EXPORT_JOBS, SCHEDULES, child_name
@@ -331,14 +332,9 @@ class JobRunner:
             cursor=cursor,
         )
 
-    async def _upload(
-        self, job: ExportJob, destination: Destination, produced: _File, progress: _Progress
-    ) -> None:
-        settings = self._settings
-        final = render_file_name(
-            job.spec.file_name_template, job.spec.segment_ids, job.create_time, job.time_zone
-        )
-        manifest = Manifest(
+    @staticmethod
+    def _manifest(job: ExportJob, produced: _File, final: str) -> Manifest:
+        return Manifest(
             job=child_name(job.dataset, EXPORT_JOBS, job.job_id),
             schedule=(
                 child_name(job.dataset, SCHEDULES, job.schedule_id) if job.schedule_id else None
@@ -353,18 +349,31 @@ class JobRunner:
             end_time=produced.end_time,
             snapshot=produced.snapshot,
         )
-        names = {
-            temporary_name(final, job.job_id): final,
-            temporary_name(checksum_name(final), job.job_id): checksum_name(final),
-            temporary_name(manifest_name(final), job.job_id): manifest_name(final),
-        }
-        data_temporary = temporary_name(final, job.job_id)
+
+    async def _upload(
+        self, job: ExportJob, destination: Destination, produced: _File, progress: _Progress
+    ) -> None:
+        settings = self._settings
+        rendered = render_file_name(
+            job.spec.file_name_template, job.spec.segment_ids, job.create_time, job.time_zone
+        )
         while True:
             progress.attempts += 1
             try:
                 async with self._open_sink(destination.target) as sink:
+                    final = rendered
+                    if await sink.exists(final):
+                        final = unclaimed_name(rendered, job.job_id)
+                    manifest = self._manifest(job, produced, final)
+                    names = {
+                        temporary_name(final, job.job_id): final,
+                        temporary_name(checksum_name(final), job.job_id): checksum_name(final),
+                        temporary_name(manifest_name(final), job.job_id): manifest_name(final),
+                    }
                     try:
-                        await self._send(sink, produced, data_temporary, progress)
+                        await self._send(
+                            sink, produced, temporary_name(final, job.job_id), progress
+                        )
                         await sink.write_text(
                             temporary_name(checksum_name(final), job.job_id),
                             checksum_file(final, produced.sha256),
@@ -373,7 +382,9 @@ class JobRunner:
                             temporary_name(manifest_name(final), job.job_id), manifest.to_json()
                         )
 
-                        async def publish(sink: FileSink = sink) -> None:
+                        async def publish(
+                            sink: FileSink = sink, names: dict[str, str] = names
+                        ) -> None:
                             # The data file first and the manifest last: a receiver that
                             # waits for the manifest finds everything in place.
                             for temporary, target in names.items():

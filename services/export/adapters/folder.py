@@ -100,6 +100,12 @@ class FolderSink:
         except OSError as error:
             raise DestinationError(f"writing {target} failed: {error}") from error
 
+    async def exists(self, name: str) -> bool:
+        try:
+            return await asyncio.to_thread(self._target(name).exists)
+        except OSError as error:
+            raise DestinationError(f"looking for {name} failed: {error}") from error
+
     async def rename(self, source: str, target: str) -> None:
         def rename() -> None:
             os.replace(self._target(source), self._target(target))

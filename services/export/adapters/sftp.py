@@ -142,6 +142,14 @@ class SftpSink:
                 f"writing {self.path_of(name)} to {self._where()} failed: {_text(error)}"
             ) from None
 
+    async def exists(self, name: str) -> bool:
+        try:
+            return bool(await self._client().exists(self.path_of(name)))
+        except (asyncssh.Error, OSError) as error:
+            raise DestinationError(
+                f"looking for {self.path_of(name)} on {self._where()} failed: {_text(error)}"
+            ) from None
+
     async def rename(self, source: str, target: str) -> None:
         client = self._client()
         old, new = self.path_of(source), self.path_of(target)

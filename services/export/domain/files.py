@@ -30,6 +30,7 @@ __all__ = [
     "manifest_name",
     "render_file_name",
     "temporary_name",
+    "unclaimed_name",
     "validate_template",
 ]
 
@@ -78,6 +79,16 @@ def render_file_name(
     if not _FILE_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"file name {name!r} is not safe")
     return name
+
+
+def unclaimed_name(final: str, job_id: str) -> str:
+    """The name a job publishes under when another run's file already has ``final`` (two
+    runs in one second, or a template without ``{time}``): the job id goes before the
+    extension, so that no run replaces what an earlier one delivered."""
+    stem, dot, extension = final.rpartition(".")
+    if not dot or not stem:
+        return f"{final}-{job_id}"
+    return f"{stem}-{job_id}.{extension}"
 
 
 def temporary_name(final: str, job_id: str) -> str:

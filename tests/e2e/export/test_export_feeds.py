@@ -172,6 +172,26 @@ async def start_job(feeds: Feeds, segment: str, destination: str) -> str:
     return name
 
 
+async def test_a_run_never_replaces_the_file_an_earlier_run_delivered(
+    feeds: Feeds, sftp_server: SftpServer
+) -> None:
+    segment = await feeds.imported_segment("repeat")
+    await feeds.join(segment, "ann")
+    destination = await feeds.sftp_destination(sftp_server)
+    first = await feeds.finished(await start_job(feeds, segment, destination))
+    await feeds.join(segment, "bob")
+    second = await feeds.finished(await start_job(feeds, segment, destination))
+
+    assert Path(first.file_path).name == "members.csv"
+    second_name = Path(second.file_path).name
+    assert second_name == f"members-{second.name.rsplit('/', 1)[1]}.csv"
+    first_rows, _ = read_feed(sftp_server, "incoming", "members.csv")
+    second_rows, manifest = read_feed(sftp_server, "incoming", second_name)
+    assert [row[0] for row in first_rows[1:]] == ["ann"]
+    assert sorted(row[0] for row in second_rows[1:]) == ["ann", "bob"]
+    assert manifest["file"] == second_name
+
+
 async def test_an_upload_broken_off_is_retried_and_never_leaves_a_partial_file(
     feeds: Feeds, sftp_server: SftpServer
 ) -> None:

@@ -17,6 +17,7 @@ from services.export.domain.files import (
     manifest_name,
     render_file_name,
     temporary_name,
+    unclaimed_name,
     validate_template,
 )
 from services.export.domain.model import ExportField, ExportMode, FieldColumn, IdentityColumn
@@ -106,3 +107,8 @@ def test_the_manifest_has_row_counts_versions_columns_and_time_range() -> None:
         "start": "2024-06-30T00:00:00.000000Z",
         "end": "2024-07-01T00:30:15.000000Z",
     }
+
+
+def test_a_name_already_taken_gets_the_job_id_before_its_extension() -> None:
+    assert unclaimed_name("buyers-2026-11-28.csv", "j1") == "buyers-2026-11-28-j1.csv"
+    assert unclaimed_name("members", "j1") == "members-j1"

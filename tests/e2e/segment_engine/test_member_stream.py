@@ -184,7 +184,10 @@ async def test_the_listing_holds_its_snapshot_and_its_token_watches_exactly_what
         # Committed while the stream is open: ids between those listed, one listed leaving.
         await e.upload(name, ADD, ["p001", "p101", "p199"])
         await e.upload(name, REMOVE, ["p100"])
-        rest = [response async for response in call]
+        # Read on as begun: gRPC refuses iteration after read() on the same call.
+        rest: list[Response] = []
+        while (response := await call.read()) is not grpc.aio.EOF:
+            rest.append(response)
         request = membership_service_pb2.WatchMembershipChangesRequest(
             parent=f"datasets/{e.dataset}", resume_token=first.snapshot.resume_token
         )

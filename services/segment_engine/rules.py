@@ -47,8 +47,7 @@ class CompiledSegmentRule:
         self.rule: rule_pb2.Rule = compiled.rule
         self.dependencies: frozenset[str] = compiled.dependencies
         self.segments: frozenset[str] = compiled.segments
-        # Time can change the answer exactly when some condition has a timer.
-        self.time_dependent: bool = bool(compiled._timers)
+        self.time_dependent: bool = compiled.time_dependent
         # Timers come from windows, which read their aggregate (a window over an aggregate
         # the view does not hold never moves), and from days-since conditions (key `seen`).
         self._aggregate_ids = frozenset(spec.aggregate_id for spec in compiled.aggregates)

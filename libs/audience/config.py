@@ -330,6 +330,11 @@ class CommonConfig:
     max_message_bytes: int
     """Largest gRPC message received or sent."""
     keepalive: Keepalive
+    max_connection_age: timedelta
+    """How long a client connection lives before the server asks the client to reconnect
+    (GOAWAY): behind a Kubernetes Service, a connection stays on the pod it first reached,
+    so without an age replicas added later would get no calls. Calls in flight, streams
+    included, finish on the old connection."""
     shutdown_grace: timedelta
     """How long in-flight RPCs may run after a shutdown starts."""
     otel: OtelMode
@@ -372,6 +377,12 @@ class CommonConfig:
                     timedelta(seconds=10),
                     minimum=timedelta(seconds=1),
                 ),
+            ),
+            max_connection_age=env.duration(
+                "AUDIENCE_MAX_CONNECTION_AGE",
+                timedelta(minutes=5),
+                minimum=timedelta(seconds=1),
+                maximum=timedelta(days=1),
             ),
             shutdown_grace=env.duration(
                 "AUDIENCE_SHUTDOWN_GRACE",

@@ -149,6 +149,8 @@ class Host:
             ),
             # The server's own keepalive pings must not stop on a connection without calls.
             ("grpc.http2.max_pings_without_data", 0),
+            # No grace after the age: a watcher's stream may run for days on its connection.
+            ("grpc.max_connection_age_ms", _milliseconds(self._config.max_connection_age)),
             # gRPC sets SO_REUSEPORT by default on Linux: a second process would then "bind"
             # the same port and quietly take half the connections.
             ("grpc.so_reuseport", 0),

@@ -53,6 +53,16 @@ async def _big(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return b"x" * int(request.decode())
 
 
+async def _peer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return str(context.peer()).encode()
+
+
+async def _ticks(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    for tick in range(int(request.decode())):
+        yield str(tick).encode()
+        await asyncio.sleep(0.3)
+
+
 async def _refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     raise errors.failed_precondition("Not now.", reason="NOT_NOW")
 
@@ -66,6 +76,8 @@ def _add_echo(server: grpc.aio.Server) -> None:
                     "Echo": grpc.unary_unary_rpc_method_handler(_echo),
                     "Big": grpc.unary_unary_rpc_method_handler(_big),
                     "Refuse": grpc.unary_unary_rpc_method_handler(_refuse),
+                    "Peer": grpc.unary_unary_rpc_method_handler(_peer),
+                    "Ticks": grpc.unary_stream_rpc_method_handler(_ticks),
                 },
             ),
         )
@@ -199,6 +211,27 @@ async def test_a_client_pinging_too_often_is_disconnected() -> None:
         ended = await _watch_while_pinging(host.port, ping_every_ms=200, seconds=20)
 
     assert ended == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_an_aged_connection_is_replaced_while_its_stream_runs_on() -> None:
+    config = _config(AUDIENCE_MAX_CONNECTION_AGE="1s")
+    async with (
+        Host(_units(Closed()), config) as host,
+        grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel,
+    ):
+        peer = channel.unary_unary(f"/{ECHO}/Peer")
+        first = await peer(b"", timeout=5)
+        ticks = channel.unary_stream(f"/{ECHO}/Ticks")(b"12", timeout=30)
+
+        deadline = time.monotonic() + 10
+        later = first
+        while later == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            later = await peer(b"", timeout=5)
+        received = [tick async for tick in ticks]
+
+    assert later != first, "the connection was never replaced"
+    assert received == [str(tick).encode() for tick in range(12)]
 
 
 async def test_an_rpc_is_traced_from_client_to_server_but_probes_are_not() -> None:

@@ -24,7 +24,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from audience.auth import SCOPES, AuthConfig, hash_api_key, parse_api_keys
 from audience.config import CommonConfig, Env
+from audience.security import Security
 from audience.v1 import (
     export_service_pb2,
     ingest_service_pb2,
@@ -68,7 +70,13 @@ SERVICES = {
 }
 # Who calls whom over gRPC, besides clients calling every service.
 CALLS = {("segment-engine", "profile"), ("export", "segment-engine"), ("export", "profile")}
-SECRET_VARIABLES = ("AUDIENCE_POSTGRES_DSN", "AUDIENCE_REDIS_URL", "AUDIENCE_API_KEYS")
+# Where each variable that carries a secret comes from: (Secret, key).
+SECRET_SOURCES = {
+    "AUDIENCE_POSTGRES_DSN": ("audience-datastores", "postgres-dsn"),
+    "AUDIENCE_REDIS_URL": ("audience-datastores", "redis-url"),
+    "AUDIENCE_API_KEYS": ("audience-api-keys", "api-keys"),
+    "AUDIENCE_INTERNAL_API_KEY": ("audience-api-keys", "internal-api-key"),
+}
 
 OVERLAY_SERVICES = [(overlay, name) for overlay in OVERLAYS for name in SERVICES]
 
@@ -422,28 +430,61 @@ def test_secrets_come_only_from_secret_references(overlay: str, name: str) -> No
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
                 data = _config_map(overlay, source["configMapRef"]["name"])["data"]
-                leaked = [k for k in data if k in SECRET_VARIABLES or "SECRET" in k]
+                leaked = [k for k in data if k in SECRET_SOURCES or "SECRET" in k]
                 assert not leaked, f"{name}: {leaked} in a ConfigMap"
         for variable in container.get("env", []):
-            if variable["name"] in SECRET_VARIABLES:
+            if variable["name"] in SECRET_SOURCES:
                 assert "secretKeyRef" in variable.get("valueFrom", {}), variable["name"]
 
     env = {v["name"]: v for v in _main_container(deployment)["env"]}
-    for required in ("AUDIENCE_POSTGRES_DSN", "AUDIENCE_REDIS_URL"):
-        assert env[required]["valueFrom"]["secretKeyRef"]["name"] == _datastores_secret(overlay)
-    # The authentication interceptor's keys: wired now, optional until it ships.
-    api_keys = env["AUDIENCE_API_KEYS"]["valueFrom"]["secretKeyRef"]
-    assert api_keys["name"] == "audience-api-keys"
-    assert api_keys["optional"] is True
+    # Every one is required: a service run alone refuses to start without its keys and its
+    # internal key (authentication is on by default), so an optional reference would only
+    # turn a missing Secret into a crash loop.
+    for variable, (secret, key) in SECRET_SOURCES.items():
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == _secret_name(overlay, secret), variable
+        assert ref["key"] == key, variable
+        assert not ref.get("optional", False), f"{name}: {variable} is optional"
 
 
-def _datastores_secret(overlay: str) -> str:
+def _secret_name(overlay: str, name: str) -> str:
+    """The name a reference to Secret ``name`` has after the build: a Secret the overlay
+    generates carries a hash suffix; one made outside the repository keeps its name."""
     generated = [
         s["metadata"]["name"]
         for s in _of_kind(overlay, "Secret")
-        if s["metadata"]["name"].startswith("audience-datastores")
+        if s["metadata"]["name"].startswith(f"{name}-")
     ]
-    return generated[0] if generated else "audience-datastores"
+    assert len(generated) <= 1, generated
+    return generated[0] if generated else name
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_dev_keys_let_each_service_start_with_authentication_on(name: str) -> None:
+    container = _main_container(_find("dev", "Deployment", name))
+    environ = _environment("dev", container)
+    # What the service itself runs at start: the keys parse, and the internal key's
+    # entry is among them with every dataset and read and write.
+    security = Security.from_env(environ, CommonConfig.from_env(environ), embedded=False)
+    assert security.keys is not None
+    internal = AuthConfig.from_env(environ).internal_entry()
+    assert internal.datasets is None
+    assert {"read", "write"} <= internal.scopes
+
+
+def test_dev_key_opens_every_dataset_and_is_the_one_the_guide_shows() -> None:
+    secret = _secret_name("dev", "audience-api-keys")
+    dev_key = _secret_value("dev", secret, "dev-api-key")
+    assert dev_key is not None
+    keys = parse_api_keys(_secret_value("dev", secret, "api-keys") or "", "api-keys")
+    (entry,) = [key for key in keys if key.sha256 == hash_api_key(dev_key)]
+    assert entry.datasets is None
+    assert entry.scopes == frozenset(SCOPES)
+    # Public by design, so never in the form of a made key (see the dev kustomization).
+    for key in (dev_key, _secret_value("dev", secret, "internal-api-key") or ""):
+        assert not key.startswith("aud_")
+        assert "PUBLIC" in key
+    assert f"KEY={dev_key}" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 def test_prod_ships_no_secret_and_no_datastore() -> None:
@@ -455,7 +496,7 @@ def test_prod_ships_no_secret_and_no_datastore() -> None:
 
 
 def test_dev_datastore_addresses_name_its_own_datastores() -> None:
-    secret = _datastores_secret("dev")
+    secret = _secret_name("dev", "audience-datastores")
     dsn = urlsplit(_secret_value("dev", secret, "postgres-dsn") or "")
     redis = urlsplit(_secret_value("dev", secret, "redis-url") or "")
     assert dsn.password is None, "no credential in the repository"

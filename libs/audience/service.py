@@ -130,20 +130,26 @@ async def serve(
     postgres_dsn: str,
     redis_url: str,
     security: Security | None = None,
+    telemetry: Telemetry | None = None,
     on_started: Callable[[Host], None] = lambda host: None,
 ) -> int:
-    """Runs services in one host until SIGTERM or SIGINT; returns the exit code.
+    """Runs services in one host until SIGTERM or SIGINT (or :meth:`Host.stop` on the host
+    ``on_started`` is given); returns the exit code.
 
     Args:
         security: API keys, TLS and how the services call each other; by default read from
             ``environ`` as for a service run alone (:meth:`Security.from_env`).
+        telemetry: where the services' spans and metrics go; by default set up from
+            ``common`` (:func:`setup_telemetry`, which installs it globally). It is shut
+            down when the host stops.
     """
     if security is None:
         security = Security.from_env(environ, common, embedded=False)
     for line in security.describe():
         _log.info("Security: %s", line)
-    label = "audience" if len(definitions) > 1 else definitions[0].name
-    telemetry = setup_telemetry(label, common.otel, common.otel_endpoint)
+    if telemetry is None:
+        label = "audience" if len(definitions) > 1 else definitions[0].name
+        telemetry = setup_telemetry(label, common.otel, common.otel_endpoint)
     try:
         resources = await Resources.open(
             common,

@@ -37,6 +37,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
@@ -46,6 +47,7 @@ __all__ = [
     "PAYLOAD_FIELD",
     "Bus",
     "Consumer",
+    "ConsumerLag",
     "Delivery",
     "Message",
     "decode_entry",
@@ -327,24 +329,36 @@ class Bus:
         Raises:
             LookupError: the group is not declared on some partition.
         """
+        return sum(await self.partition_backlogs(topic, group))
+
+    async def partition_backlogs(self, topic: str, group: str) -> list[int]:
+        """Returns :meth:`backlog` per partition, by partition number: the group's lag.
+
+        Raises:
+            LookupError: the group is not declared on some partition.
+        """
         keys = [self.stream_key(topic, p) for p in range(self.partitions)]
-        total = 0
-        to_count: list[tuple[str, bytes]] = []
-        for key, groups in zip(keys, await self._group_infos(keys), strict=True):
+        backlogs: list[int] = []
+        to_count: list[tuple[int, str, bytes]] = []
+        for partition, (key, groups) in enumerate(
+            zip(keys, await self._group_infos(keys), strict=True)
+        ):
             info = groups.get(group) if groups is not None else None
             if info is None:
                 raise LookupError(f"group {group!r} is not declared on {key}")
-            total += int(info["pending"])
+            backlogs.append(int(info["pending"]))
             if info.get("lag") is not None:
-                total += int(info["lag"])
+                backlogs[partition] += int(info["lag"])
             else:
-                to_count.append((key, info["last-delivered-id"]))
+                to_count.append((partition, key, info["last-delivered-id"]))
         if to_count:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key, last_delivered in to_count:
+                for _, key, last_delivered in to_count:
                     await self._count_after(keys=[key], args=[last_delivered], client=pipe)
-                total += sum(int(n) for n in await pipe.execute())
-        return total
+                counted = await pipe.execute()
+            for (partition, _, _), unread in zip(to_count, counted, strict=True):
+                backlogs[partition] += int(unread)
+        return backlogs
 
     async def trim(self, topic: str, groups: Collection[str]) -> int:
         """Drops the entries of a topic that every group has acknowledged.
@@ -613,3 +627,65 @@ class Consumer:
             headers=headers,
             delivery_count=delivery_count,
         )
+
+
+class ConsumerLag:
+    """Reports how far a consumer group is behind on a topic, per partition.
+
+    The gauge ``audience.bus.consumer.lag`` (entries not yet acknowledged: handed out or
+    not yet read) is observed from the figures :meth:`run` measures every ``interval``,
+    since a metric reader observes from its own thread and cannot ask Redis.
+
+    Args:
+        bus: the bus the group consumes.
+        meter: the consuming service's meter.
+        topic: the topic consumed.
+        group: the consumer group.
+        interval: seconds between measurements.
+    """
+
+    def __init__(
+        self, bus: Bus, meter: Meter, *, topic: str, group: str, interval: float = 10.0
+    ) -> None:
+        self._bus = bus
+        self._topic = topic
+        self._group = group
+        self._interval = interval
+        self._attributes = [
+            {
+                "messaging.destination.name": topic,
+                "messaging.consumer.group.name": group,
+                "messaging.destination.partition.id": str(partition),
+            }
+            for partition in range(bus.partitions)
+        ]
+        self._lags: list[int] = []
+        meter.create_observable_gauge(
+            "audience.bus.consumer.lag",
+            callbacks=[self._observe],
+            unit="{entry}",
+            description="Entries of a topic partition the consumer group has not acknowledged.",
+        )
+
+    def _observe(self, options: CallbackOptions) -> list[Observation]:
+        return [
+            Observation(lag, attributes)
+            for lag, attributes in zip(self._lags, self._attributes, strict=False)
+        ]
+
+    async def measure(self) -> list[int]:
+        """Measures the lag of every partition now and keeps the figures."""
+        self._lags = await self._bus.partition_backlogs(self._topic, self._group)
+        return self._lags
+
+    async def run(self) -> NoReturn:
+        """Measures every interval until cancelled; a failed measurement keeps the last."""
+        while True:
+            try:
+                await self.measure()
+            except (RedisError, OSError, LookupError) as error:
+                _log.warning(
+                    "measuring the lag of %s on %s failed: %s", self._group, self._topic, error
+                )
+            _raise_if_cancelled()
+            await asyncio.sleep(self._interval)

@@ -1,9 +1,12 @@
 """OpenTelemetry set up from configuration, trace context through the bus, and logging.
 
-One :func:`setup_telemetry` per process: it installs the global tracer and meter providers
-(so any module may call ``trace.get_tracer(__name__)``) and hands out the gRPC
-interceptors. With ``AUDIENCE_OTEL=off`` nothing is installed and there are no
-interceptors, so a call costs nothing beyond OpenTelemetry's no-op tracer.
+One :func:`setup_telemetry` per process: it makes the tracer and meter providers, installs
+them as the global ones (for libraries that trace on their own) and hands out the gRPC
+interceptors. The services take their tracers and meters from the process's
+:class:`Telemetry` (``resources.telemetry.tracer(__name__)``), never from the globals, so
+a process can host services with telemetry of its own making (a test's in-memory
+exporter: :meth:`Telemetry.recording`). With ``AUDIENCE_OTEL=off`` nothing is installed
+and there are no interceptors, so a call costs nothing beyond OpenTelemetry's no-op tracer.
 
 Bus messages carry W3C trace context: the producer stores :func:`inject` in the message
 headers and the consumer opens :func:`consumer_span` with them, so one trace follows an
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,10 +35,11 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
+    MetricReader,
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.util.types import Attributes
 
@@ -62,6 +66,32 @@ class Telemetry:
     mode: OtelMode
     tracer_provider: TracerProvider | None = field(default=None, repr=False)
     meter_provider: MeterProvider | None = field(default=None, repr=False)
+
+    @classmethod
+    def recording(
+        cls,
+        service: str,
+        mode: OtelMode,
+        *,
+        span_processors: Sequence[SpanProcessor],
+        metric_readers: Sequence[MetricReader],
+    ) -> Telemetry:
+        """Providers that hand spans to ``span_processors`` and metrics to
+        ``metric_readers``, installed nowhere: what :func:`setup_telemetry` makes before
+        installing them, or a test's telemetry (an in-memory exporter and reader)."""
+        return cls(service, mode, *_providers(service, span_processors, metric_readers))
+
+    def tracer(self, name: str) -> trace.Tracer:
+        """The tracer of module ``name``; OpenTelemetry's no-op tracer when off."""
+        if self.tracer_provider is None:
+            return trace.NoOpTracer()
+        return self.tracer_provider.get_tracer(name)
+
+    def meter(self, name: str) -> metrics.Meter:
+        """The meter of module ``name``; OpenTelemetry's no-op meter when off."""
+        if self.meter_provider is None:
+            return metrics.NoOpMeter(name)
+        return self.meter_provider.get_meter(name)
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Interceptors that open a server span per RPC (none when off)."""
@@ -111,15 +141,27 @@ def setup_telemetry(service: str, mode: OtelMode, endpoint: str | None = None) -
     else:
         span_exporter = OTLPSpanExporter(endpoint=endpoint)
         metric_exporter = OTLPMetricExporter(endpoint=endpoint)
-    resource = Resource.create({SERVICE_NAME: service})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
-    meter_provider = MeterProvider(
-        resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]
+    tracer_provider, meter_provider = _providers(
+        service,
+        [BatchSpanProcessor(span_exporter)],
+        [PeriodicExportingMetricReader(metric_exporter)],
     )
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     return Telemetry(service, mode, tracer_provider, meter_provider)
+
+
+def _providers(
+    service: str,
+    span_processors: Sequence[SpanProcessor],
+    metric_readers: Sequence[MetricReader],
+) -> tuple[TracerProvider, MeterProvider]:
+    resource = Resource.create({SERVICE_NAME: service})
+    tracer_provider = TracerProvider(resource=resource)
+    for processor in span_processors:
+        tracer_provider.add_span_processor(processor)
+    meter_provider = MeterProvider(resource=resource, metric_readers=list(metric_readers))
+    return tracer_provider, meter_provider
 
 
 def inject(context: otel_context.Context | None = None) -> dict[str, str]:
@@ -140,19 +182,19 @@ def consumer_span(
     name: str,
     headers: Mapping[str, str],
     *,
+    tracer: trace.Tracer,
     linked: Iterable[Mapping[str, str]] = (),
     attributes: Attributes = None,
-    tracer: trace.Tracer | None = None,
 ) -> Iterator[trace.Span]:
     """Opens the current span for handling a bus message, as a child of its producer.
 
     Args:
         name: the span name, e.g. ``"profile consume events"``.
         headers: the message's trace headers; the span joins the producer's trace.
+        tracer: the consuming service's (``Telemetry.tracer``).
         linked: headers of the other messages handled in the same span (a batch); each
             becomes a span link, so their traces lead here too.
         attributes: span attributes such as ``messaging.destination.name``.
-        tracer: defaults to the global tracer of this module.
     """
     links = [
         trace.Link(context)
@@ -161,8 +203,7 @@ def consumer_span(
         )
         if context.is_valid
     ]
-    active = tracer or trace.get_tracer(__name__)
-    with active.start_as_current_span(
+    with tracer.start_as_current_span(
         name,
         context=extract(headers),
         kind=trace.SpanKind.CONSUMER,

@@ -36,6 +36,7 @@ async def build(resources: Resources) -> ServiceUnit:
         ProfileClient(profile_channel, concurrency=config.profile_concurrency),
         clock,
         catch_up_timeout=config.delta_timeout,
+        meter=resources.telemetry.meter(__name__),
     )
 
     def open_sink(target: Target) -> FileSink:

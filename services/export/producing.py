@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from opentelemetry import metrics
+
 from audience.errors import unavailable
 from services.export.domain.csvrows import CsvLayout, DeltaRow
 from services.export.domain.delta import DeltaAccumulator
@@ -23,6 +25,9 @@ _log = logging.getLogger(__name__)
 
 # Changes of a delta are written (and their profiles read) this many rows at a time.
 _DELTA_BATCH = 10_000
+
+_FROM_MEMBERS = {"audience.export.source": "members"}
+_FROM_CHANGES = {"audience.export.source": "changes"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class CsvProducer:
         catch_up_timeout: how long a delta read may take before it fails.
         max_piece_chars: pages whose text is longer are split, keeping messages and writes
             bounded however wide the rows.
+        meter: counts the rows produced, by source (members, changes); no-op by default.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class CsvProducer:
         heartbeat_interval: timedelta = timedelta(seconds=1),
         catch_up_timeout: timedelta = timedelta(minutes=5),
         max_piece_chars: int = 2 * 1024 * 1024,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self._members = members
         self._profiles = profiles
@@ -86,6 +93,11 @@ class CsvProducer:
         self._heartbeat = heartbeat_interval
         self._catch_up_timeout = catch_up_timeout
         self._max_piece_chars = max_piece_chars
+        self._rows = (meter or metrics.NoOpMeter(__name__)).create_counter(
+            "audience.export.rows",
+            unit="{row}",
+            description="CSV rows produced for downloads and export files, by source.",
+        )
 
     async def count(self, dataset: str, segment_ids: Sequence[str]) -> int:
         counts = await asyncio.gather(
@@ -136,6 +148,7 @@ class CsvProducer:
                     segment_stats.rows += rows
                     segment_stats.joins += rows
                     if rows:
+                        self._rows.add(rows, _FROM_MEMBERS)
                         yield Piece(text, rows)
 
     async def read_delta(
@@ -200,4 +213,5 @@ class CsvProducer:
                 else:
                     segment_stats.leaves += 1
             if rows:
+                self._rows.add(rows, _FROM_CHANGES)
                 yield Piece(text, rows)

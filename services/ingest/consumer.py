@@ -7,6 +7,7 @@ import logging
 from typing import NoReturn
 
 import asyncpg
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from audience.streams import Bus
@@ -24,12 +25,17 @@ _log = logging.getLogger(__name__)
 _RETRY_DELAY = 1.0
 
 
-async def consume_failed_events(bus: Bus, failed: FailedEvents, *, name: str) -> NoReturn:
+async def consume_failed_events(
+    bus: Bus, failed: FailedEvents, *, name: str, tracer: trace.Tracer | None = None
+) -> NoReturn:
     """Stores every failure published on ``failed-events``, then acknowledges it; forever.
+
+    Each read is handled in a span of ``tracer`` (no-op by default) in its messages' trace.
 
     Storing is idempotent, so a delivery handed out again after a crash (or taken over
     from a dead replica) is harmless. Redis and PostgreSQL outages are logged and retried.
     """
+    spans = tracer or trace.NoOpTracer()
     while True:
         consumer = bus.consumer(FAILED_EVENTS_TOPIC, INGEST_GROUP, name)
         try:
@@ -40,6 +46,7 @@ async def consume_failed_events(bus: Bus, failed: FailedEvents, *, name: str) ->
                 with consumer_span(
                     "ingest consume failed-events",
                     deliveries[0].headers,
+                    tracer=spans,
                     linked=[d.headers for d in deliveries[1:]],
                     attributes={
                         "messaging.destination.name": FAILED_EVENTS_TOPIC,

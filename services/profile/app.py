@@ -7,11 +7,14 @@ from importlib.resources import files
 
 from audience.server import ServiceUnit
 from audience.service import Resources, ServiceDefinition
+from audience.streams import ConsumerLag
 from audience.v1 import profile_service_pb2_grpc
 from services.profile.applier import Applier
 from services.profile.backfill import Backfiller
 from services.profile.config import ProfileConfig
 from services.profile.consumer import (
+    EVENTS,
+    GROUP,
     PROFILE_CHANGES,
     PROFILE_CHANGES_GROUPS,
     EventWorker,
@@ -44,9 +47,11 @@ async def build(resources: Resources) -> ServiceUnit:
             read_count=config.read_count,
             unit_events=config.unit_events,
             claim_idle=config.claim_idle.total_seconds(),
+            tracer=resources.telemetry.tracer(__name__),
         )
         for index in range(workers)
     ]
+    lag = ConsumerLag(bus, resources.telemetry.meter(__name__), topic=EVENTS, group=GROUP)
     backfiller = Backfiller(
         store,
         Registry(resources.postgres),
@@ -70,7 +75,13 @@ async def build(resources: Resources) -> ServiceUnit:
         add_to_server=functools.partial(
             profile_service_pb2_grpc.add_ProfileServiceServicer_to_server, servicer
         ),
-        background=(*(worker.run for worker in consumers), backfiller.run, pruner.run, trim),
+        background=(
+            *(worker.run for worker in consumers),
+            backfiller.run,
+            pruner.run,
+            trim,
+            lag.run,
+        ),
         close=memberships.close,
     )
 

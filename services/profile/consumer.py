@@ -25,6 +25,7 @@ from typing import NoReturn
 
 import asyncpg
 from google.protobuf.message import DecodeError
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from audience.bus.v1 import events_pb2
@@ -146,7 +147,11 @@ def _reason(error: BaseException) -> str:
 
 
 class EventWorker:
-    """One worker of the ``profile`` group: reads, applies, publishes, acknowledges."""
+    """One worker of the ``profile`` group: reads, applies, publishes, acknowledges.
+
+    Each read is handled in a span of ``tracer`` (no-op by default) in the trace of the
+    ingest call that appended its first entry; the changes it publishes carry that span.
+    """
 
     def __init__(
         self,
@@ -155,11 +160,13 @@ class EventWorker:
         consumer: Consumer,
         *,
         unit_events: int,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.applier = applier
         self.publisher = publisher
         self.consumer = consumer
         self.unit_events = unit_events
+        self.tracer = tracer or trace.NoOpTracer()
         self.applied = 0
         self.failed = 0
 
@@ -175,6 +182,7 @@ class EventWorker:
         unit_events: int,
         claim_idle: float,
         block: float = 2.0,
+        tracer: trace.Tracer | None = None,
     ) -> EventWorker:
         consumer = publisher.bus.consumer(
             EVENTS,
@@ -186,7 +194,7 @@ class EventWorker:
             claim_idle=claim_idle,
             claim_interval=min(10.0, claim_idle),
         )
-        return cls(applier, publisher, consumer, unit_events=unit_events)
+        return cls(applier, publisher, consumer, unit_events=unit_events, tracer=tracer)
 
     async def run(self) -> NoReturn:
         """Works until cancelled, waiting out infrastructure failures."""
@@ -235,6 +243,7 @@ class EventWorker:
         with consumer_span(
             "profile apply events",
             headers,
+            tracer=self.tracer,
             linked=[delivery.headers for delivery in deliveries[1:]],
             attributes={
                 "messaging.destination.name": EVENTS,

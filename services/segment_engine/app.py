@@ -14,11 +14,17 @@ import grpc.aio
 
 from audience.server import ServiceUnit
 from audience.service import Resources, ServiceDefinition
+from audience.streams import ConsumerLag
 from audience.v1 import membership_service_pb2_grpc, segment_service_pb2_grpc
 from services.segment_engine.backfill import Backfiller
 from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.config import SegmentEngineConfig
-from services.segment_engine.consumer import ProfileChangeConsumer, declare_topics
+from services.segment_engine.consumer import (
+    GROUP,
+    PROFILE_CHANGES,
+    ProfileChangeConsumer,
+    declare_topics,
+)
 from services.segment_engine.grpc import MembershipServicer, SegmentServicer
 from services.segment_engine.memberships import MembershipCache, Memberships
 from services.segment_engine.processor import Committed, Processor
@@ -72,8 +78,16 @@ async def build(resources: Resources) -> ServiceUnit:
     log = ChangeLog(pool)
     imports = ImportStore(pool)
     catalogs = Catalogs(segment_store)
+    tracer = resources.telemetry.tracer(__name__)
+    meter = resources.telemetry.meter(__name__)
     processor = Processor(
-        pool, StateStore(origin), catalogs, clock=_now, encode_reason=encode_reason
+        pool,
+        StateStore(origin),
+        catalogs,
+        clock=_now,
+        encode_reason=encode_reason,
+        tracer=tracer,
+        meter=meter,
     )
     timers = TimerLoop(
         pool,
@@ -133,7 +147,9 @@ async def build(resources: Resources) -> ServiceUnit:
         count=config.consumer_batch,
         claim_idle=config.consumer_claim_idle.total_seconds(),
         workers=config.consumer_workers,
+        tracer=tracer,
     )
+    lag = ConsumerLag(resources.bus, meter, topic=PROFILE_CHANGES, group=GROUP)
     segment_servicer = SegmentServicer(segments)
     membership_servicer = MembershipServicer(
         memberships,
@@ -141,6 +157,8 @@ async def build(resources: Resources) -> ServiceUnit:
         notifier,
         retention=config.change_retention,
         watch_batch=config.watch_batch,
+        tracer=tracer,
+        meter=meter,
     )
 
     def add_to_server(server: grpc.aio.Server) -> None:
@@ -162,7 +180,7 @@ async def build(resources: Resources) -> ServiceUnit:
         name="segment_engine",
         service_names=("audience.v1.SegmentService", "audience.v1.MembershipService"),
         add_to_server=add_to_server,
-        background=(consumer.run, timers.run, backfiller.run, listen, prune),
+        background=(consumer.run, timers.run, backfiller.run, listen, prune, lag.run),
         close=close,
     )
 

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import asyncpg
 from google.protobuf.message import DecodeError
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from audience.bus.v1 import profile_change_pb2
@@ -41,6 +42,8 @@ class ProfileChangeConsumer:
     Args:
         workers: consumers run side by side, each reading its own share of the partitions
             (so one subject's changes stay in order within this replica).
+        tracer: each read is applied in a span of it, in the trace of the profile service's
+            span that published its first entry; no-op by default.
     """
 
     def __init__(
@@ -52,8 +55,10 @@ class ProfileChangeConsumer:
         count: int,
         claim_idle: float,
         workers: int = 1,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._processor = processor
+        self._tracer = tracer or trace.NoOpTracer()
         partitions = list(range(bus.partitions))
         workers = max(1, min(workers, len(partitions)))
         self._consumers: list[Consumer] = [
@@ -107,6 +112,7 @@ class ProfileChangeConsumer:
         with consumer_span(
             "segment_engine consume profile-changes",
             deliveries[0].headers,
+            tracer=self._tracer,
             linked=[delivery.headers for delivery in deliveries[1:]],
             attributes={"messaging.destination.name": PROFILE_CHANGES},
         ):

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import timedelta
 
 import grpc.aio
+from opentelemetry import metrics, trace
 
 from audience.errors import FieldViolation, invalid_argument
 from audience.rules import micros_from_timestamp
+from audience.telemetry import extract
 from audience.v1 import (
     membership_service_pb2,
     membership_service_pb2_grpc,
@@ -305,6 +307,15 @@ def _required_kind(value: int) -> Kind:
 
 
 class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
+    """Membership reads and the change stream.
+
+    Args:
+        tracer: a change logged by a traced evaluation is sent to a subscriber in a span
+            of it, a child of that evaluation's span linked to the stream's; no-op by
+            default.
+        meter: counts the open change streams; no-op by default.
+    """
+
     def __init__(
         self,
         memberships: Memberships,
@@ -313,12 +324,20 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
         *,
         retention: timedelta,
         watch_batch: int,
+        tracer: trace.Tracer | None = None,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self._memberships = memberships
         self._log = log
         self._notifier = notifier
         self._retention = round(retention.total_seconds() * 1_000_000)
         self._watch_batch = watch_batch
+        self._tracer = tracer or trace.NoOpTracer()
+        self._subscribers = (meter or metrics.NoOpMeter(__name__)).create_up_down_counter(
+            "audience.segment_engine.watch.subscribers",
+            unit="{subscriber}",
+            description="Open WatchMembershipChanges streams.",
+        )
 
     async def ListMemberships(  # noqa: N802
         self,
@@ -482,7 +501,9 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
         _enum_or_fail(request.kind, (1, 2), "kind")
         heartbeat = 10.0
         if request.HasField("heartbeat_interval"):
-            heartbeat = request.heartbeat_interval.ToTimedelta().total_seconds()
+            # Not through timedelta, which overflows past a few million years.
+            interval = request.heartbeat_interval
+            heartbeat = interval.seconds + interval.nanos / 1e9
             if not 1.0 <= heartbeat <= 600.0:
                 raise invalid_argument(
                     "heartbeat_interval must be from 1 second to 10 minutes.",
@@ -506,15 +527,40 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
             clock=time.monotonic,
         )
         Response = membership_service_pb2.WatchMembershipChangesResponse  # noqa: N806
-        async for item in stream:
-            if isinstance(item, Heartbeat):
-                yield Response(
-                    heartbeat=membership_service_pb2.Heartbeat(
-                        resume_token=item.token, time=timestamp(item.time)
+        streaming = trace.get_current_span().get_span_context()
+        links = [trace.Link(streaming)] if streaming.is_valid else []
+        self._subscribers.add(1)
+        try:
+            async for item in stream:
+                if isinstance(item, Heartbeat):
+                    yield Response(
+                        heartbeat=membership_service_pb2.Heartbeat(
+                            resume_token=item.token, time=timestamp(item.time)
+                        )
                     )
+                    continue
+                response = Response(change=change_message(dataset, item.row, item.token))
+                if item.row.trace_parent is None:
+                    yield response
+                    continue
+                # Not made current: the generator may be closed at the yield, in a context
+                # other than the one the span would have been attached to.
+                span = self._tracer.start_span(
+                    "segment_engine deliver membership change",
+                    context=extract({"traceparent": item.row.trace_parent}),
+                    kind=trace.SpanKind.PRODUCER,
+                    links=links,
+                    attributes={
+                        "audience.segment": response.change.segment,
+                        "audience.membership.change": item.row.change.name.lower(),
+                    },
                 )
-            else:
-                yield Response(change=change_message(dataset, item.row, item.token))
+                try:
+                    yield response
+                finally:
+                    span.end()
+        finally:
+            self._subscribers.add(-1)
 
 
 def _member_responses(

@@ -11,15 +11,18 @@ run again from the start.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from opentelemetry import metrics, trace
 
 from audience.bus.v1 import profile_change_pb2
 from audience.rules import micros_from_timestamp, view_from_proto
+from audience.telemetry import inject
 from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.domain.catalog import Catalog, segment_dependency
 from services.segment_engine.domain.evaluation import (
@@ -63,6 +66,18 @@ _ERASED = profile_change_pb2.PROFILE_CHANGE_TYPE_ERASED
 _MERGED = profile_change_pb2.PROFILE_CHANGE_TYPE_MERGED
 
 ProfileChange = profile_change_pb2.ProfileChange
+
+# Seconds: a transaction of one subject takes milliseconds, a backfill's chunk seconds.
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_CHANGE_ATTRIBUTES = {
+    (kind, cause): {
+        "audience.membership.change": kind.name.lower(),
+        "audience.cause": cause.name.lower(),
+    }
+    for kind in ChangeKind
+    for cause in Cause
+}
 
 
 @dataclass(frozen=True)
@@ -409,7 +424,7 @@ class _Unit:
         return found
 
     async def write(self) -> Committed:
-        batch = WriteBatch()
+        batch = WriteBatch(trace_parent=inject().get("traceparent"))
         members: set[Key] = set()
         for key, loaded in self.loaded.items():
             row, subject = loaded.row, loaded.subject
@@ -463,6 +478,10 @@ class Processor:
         clock: the current time, microseconds since the epoch.
         encode_reason: a reason as the bytes the log keeps.
         on_commit: called after every commit (wake subscribers, drop cached answers).
+        tracer: each transaction runs in a span of it (``segment_engine evaluate``), whose
+            trace context the change log keeps with the changes; no-op by default.
+        meter: records how long transactions take and counts the changes they log;
+            no-op by default.
     """
 
     def __init__(
@@ -474,6 +493,8 @@ class Processor:
         clock: Callable[[], int],
         encode_reason: Callable[[str, Reason], bytes],
         on_commit: Sequence[CommitHook] = (),
+        tracer: trace.Tracer | None = None,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self.pool = pool
         self.state = state
@@ -481,23 +502,46 @@ class Processor:
         self.clock = clock
         self.encode_reason = encode_reason
         self.on_commit = list(on_commit)
+        self._tracer = tracer or trace.NoOpTracer()
+        meter = meter or metrics.NoOpMeter(__name__)
+        self._duration = meter.create_histogram(
+            "audience.segment_engine.evaluation.duration",
+            unit="s",
+            description="Time an evaluation transaction takes, deadlock retries included.",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self._changes = meter.create_counter(
+            "audience.segment_engine.membership.changes",
+            unit="{change}",
+            description="Membership changes logged, by change (join, leave) and cause.",
+        )
 
-    async def _run(self, work: Callable[[_Unit], Awaitable[None]]) -> Committed:
-        for attempt in range(1, DEADLOCK_RETRIES + 1):
-            try:
-                async with self.pool.acquire() as conn, transaction(conn):
-                    unit = _Unit(self, conn, self.clock())
-                    await work(unit)
-                    committed = await unit.write()
-            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                if attempt == DEADLOCK_RETRIES:
-                    raise
-                _log.info("evaluation transaction lost a deadlock; running it again")
-                continue
-            for hook in self.on_commit:
-                hook(committed)
-            return committed
+    async def _run(self, operation: str, work: Callable[[_Unit], Awaitable[None]]) -> Committed:
+        started = time.perf_counter()
+        attributes = {"audience.evaluation.operation": operation}
+        with self._tracer.start_as_current_span("segment_engine evaluate", attributes=attributes):
+            for attempt in range(1, DEADLOCK_RETRIES + 1):
+                try:
+                    async with self.pool.acquire() as conn, transaction(conn):
+                        unit = _Unit(self, conn, self.clock())
+                        await work(unit)
+                        committed = await unit.write()
+                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                    if attempt == DEADLOCK_RETRIES:
+                        raise
+                    _log.info("evaluation transaction lost a deadlock; running it again")
+                    continue
+                self._duration.record(time.perf_counter() - started, attributes)
+                self._count_changes(unit.changes)
+                for hook in self.on_commit:
+                    hook(committed)
+                return committed
         raise AssertionError("unreachable")
+
+    def _count_changes(self, changes: Sequence[tuple[str, Change]]) -> None:
+        counted = Counter((change.change, change.reason.cause) for _, change in changes)
+        for (kind, cause), count in counted.items():
+            self._changes.add(count, _CHANGE_ATTRIBUTES[kind, cause])
 
     async def apply_changes(self, changes: Iterable[ProfileChange]) -> Committed:
         """Applies profile changes from the bus, each subject's in sequence order."""
@@ -526,7 +570,7 @@ class Processor:
                     unit.profile_change(key, change)
             await unit.settle_accounts(own=accounts)
 
-        return await self._run(work)
+        return await self._run("profile_changes", work)
 
     async def run_timers(self, keys: Sequence[Key]) -> Committed:
         """Re-evaluates the due targets of subjects that no one else holds right now."""
@@ -538,7 +582,7 @@ class Processor:
                 unit.timers(key)
             await unit.settle_accounts(due=accounts)
 
-        return await self._run(work)
+        return await self._run("timers", work)
 
     async def force(
         self,
@@ -602,7 +646,7 @@ class Processor:
             if kind is Kind.USER:
                 await unit.settle_accounts()
 
-        return await self._run(work)
+        return await self._run("forced", work)
 
     async def ensure_timers(
         self, dataset: str, kind: Kind, segment_id: str, subject_ids: Sequence[str]
@@ -614,7 +658,7 @@ class Processor:
             for key in await unit.load(keys):
                 unit.refresh_timer(key, segment_id)
 
-        return await self._run(work)
+        return await self._run("set_timers", work)
 
     async def recount_rollups(
         self, dataset: str, user_ids: Sequence[str], rollups: Sequence[str]
@@ -627,4 +671,4 @@ class Processor:
                 unit.recount(key, rollups)
             await unit.settle_accounts()
 
-        return await self._run(work)
+        return await self._run("recount_rollups", work)

@@ -40,6 +40,8 @@ class LogRow:
     change: ChangeKind
     time: int
     reason: bytes
+    trace_parent: str | None = None
+    """The W3C traceparent of the evaluation that logged it; None when untraced."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +102,14 @@ class ChangeLog:
         # One statement, one snapshot: the head read here covers exactly the rows read here.
         query = f"""
             (SELECT c.seq, c.kind, c.subject_id, c.segment_id, c.segment_version, c.change,
-                    {micros("c.change_time")} AS time, c.reason,
+                    {micros("c.change_time")} AS time, c.reason, c.trace_parent,
                     NULL::bigint AS head, NULL::bigint AS pruned, NULL::bigint AS now
              FROM segment_engine.changes AS c
              WHERE {" AND ".join(conditions)}
              ORDER BY c.seq
              LIMIT $4)
             UNION ALL
-            (SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+            (SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                     coalesce(h.last_seq, 0), coalesce(h.pruned_seq, 0),
                     {micros("statement_timestamp()")}
              FROM (SELECT 1) AS one LEFT JOIN segment_engine.log_heads AS h ON h.dataset = $1)
@@ -130,6 +132,7 @@ class ChangeLog:
                         change=ChangeKind(r["change"]),
                         time=r["time"],
                         reason=r["reason"],
+                        trace_parent=r["trace_parent"],
                     )
                 )
         position = rows[-1].seq if len(rows) >= limit else max(after, min(head, after + _SCAN))

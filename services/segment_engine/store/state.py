@@ -132,9 +132,10 @@ _HEAD_AND_LOG = f"""
 WITH head AS ({_HEAD}),
 logged AS (
     INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
-                                        segment_version, change, change_time, reason)
+                                        segment_version, change, change_time, reason,
+                                        trace_parent)
     SELECT $1, head.last_seq - $2 + c.n, c.kind, c.subject_id, c.segment_id,
-           c.segment_version, c.change, {from_micros("c.change_time")}, c.reason
+           c.segment_version, c.change, {from_micros("c.change_time")}, c.reason, $10
     FROM head, unnest($3::smallint[], $4::text[], $5::text[], $6::bigint[], $7::smallint[],
                       $8::bigint[], $9::bytea[])
                WITH ORDINALITY AS c(kind, subject_id, segment_id, segment_version, change,
@@ -220,6 +221,8 @@ class WriteBatch:
     rollup_deltas: dict[tuple[str, str, str], int] = field(default_factory=dict)
     # (dataset, change, serialized ChangeReason), in the order to log them.
     changes: list[tuple[str, Change, bytes]] = field(default_factory=list)
+    # The W3C traceparent of the evaluation, logged with each change; None untraced.
+    trace_parent: str | None = None
 
     def membership_diff(
         self,
@@ -508,7 +511,9 @@ class StateStore:
             entries = by_dataset[dataset]
             if len(entries) >= _COPY_FROM:
                 last = await conn.fetchval(_HEAD, dataset, len(entries))
-                await self._copy_log(conn, dataset, last - len(entries) + 1, entries)
+                await self._copy_log(
+                    conn, dataset, last - len(entries) + 1, entries, batch.trace_parent
+                )
             else:
                 last = await conn.fetchval(
                     _HEAD_AND_LOG,
@@ -521,6 +526,7 @@ class StateStore:
                     [int(c.change) for c, _ in entries],
                     [c.time for c, _ in entries],
                     [reason for _, reason in entries],
+                    batch.trace_parent,
                 )
             logged.append(LoggedRange(dataset, last - len(entries) + 1, last))
         return logged
@@ -582,6 +588,7 @@ class StateStore:
         dataset: str,
         first: int,
         entries: Sequence[tuple[Change, bytes]],
+        trace_parent: str | None,
     ) -> None:
         await conn.copy_records_to_table(
             "changes",
@@ -596,6 +603,7 @@ class StateStore:
                 "change",
                 "change_time",
                 "reason",
+                "trace_parent",
             ],
             records=[
                 (
@@ -608,6 +616,7 @@ class StateStore:
                     int(c.change),
                     _moment(c.time),
                     reason,
+                    trace_parent,
                 )
                 for index, (c, reason) in enumerate(entries)
             ],

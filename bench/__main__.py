@@ -1,10 +1,11 @@
-"""Runs every benchmark with its same-run baseline and reports figure, goal and verdict.
+"""Runs every benchmark with its same-run baseline and reports figure, goal, ratio and verdict.
 
 ``python -m bench [--quick] [--only NAME ...]`` (``make bench``) runs each ``bench.<name>``
 module in its own process, reads the JSON object on its last line, prints a table of every
-figure against its goal, and rewrites the generated block of ``bench/RESULTS.md`` (the
-analysis written by hand around it stays). ``--quick`` passes ``--quick`` to every bench,
-which shrinks its sizes so the whole run takes a few minutes.
+figure against its goal (with the ratio of the two and a verdict) and the same-run
+baselines, and rewrites the generated block of ``bench/RESULTS.md`` (the analysis written by
+hand around it stays). ``--quick`` passes ``--quick`` to every bench, which shrinks its
+sizes so the whole run takes a few minutes; its verdicts are indicative only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -40,20 +42,34 @@ class Goal:
     def met(self, value: float) -> bool:
         return value >= self.bound if self.at_least else value <= self.bound
 
+    def ratio(self, value: float) -> float:
+        """How ``value`` stands against the bound, oriented so that ≥ 1 meets it."""
+        over, under = (value, self.bound) if self.at_least else (self.bound, value)
+        return over / under if under else math.inf
+
     def describe(self) -> str:
-        return f"{'≥' if self.at_least else '≤'} {self.bound:,g}"
+        return f"{'≥' if self.at_least else '≤'} {_figure(self.bound)}"
 
 
+def _figure(value: float) -> str:
+    """Whole numbers with separators from 1,000 up (rates), three significant digits below
+    (ratios, milliseconds)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+# Goals that are a size over a time (a million profiles in 10 s) are checked as the rate
+# they imply, which holds for the shrunken sizes of --quick too.
 GOALS: dict[str, tuple[Goal, ...]] = {
     "rules": (Goal("ratio", 0.5, at_least=True),),
     "ingest": (Goal("events_per_s", 200_000, at_least=True), Goal("ratio", 0.2, at_least=True)),
     "profile": (Goal("events_per_s", 25_000, at_least=True),),
+    "profile_query": (Goal("profiles_per_s", 100_000, at_least=True),),
     "e2e": (
         Goal("events_per_s", 25_000, at_least=True),
         Goal("p50_ms", 5, at_least=False),
         Goal("p99_ms", 25, at_least=False),
     ),
-    "backfill": (Goal("seconds", 10, at_least=False),),
+    "backfill": (Goal("profiles_per_s", 100_000, at_least=True),),
     "memberships": (Goal("ratio", 0.7, at_least=True), Goal("p99_ms", 2, at_least=False)),
     "export": (
         Goal("rows_per_s", 1_000_000, at_least=True),
@@ -65,6 +81,7 @@ BASELINES = {
     "rules": "baseline_evals_per_s",
     "ingest": "baseline_events_per_s",
     "e2e": "baseline_rtt_p50_ms",
+    "backfill": "query_seconds",
     "memberships": "baseline_rps",
     "export": "baseline_rows_per_s",
 }
@@ -81,56 +98,104 @@ class Outcome:
     error: str | None
 
 
+COLUMNS = ("bench", "figure", "value", "goal", "ratio", "verdict")
+Row = tuple[str, str, str, str, str, str]
+
+
+def numbers(printed: dict[str, object], prefix: str = "") -> dict[str, float]:
+    """The numeric figures of a bench's JSON object, nested objects flattened to dotted
+    names (``cpu_seconds.export``)."""
+    found: dict[str, float] = {}
+    for key, value in printed.items():
+        if isinstance(value, dict):
+            found |= numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+def read_outcome(
+    name: str, command: str, seconds: float, returncode: int, stdout: str, stderr: str
+) -> Outcome:
+    """Reads a finished bench: the JSON object on the last line of its output."""
+    lines = stdout.strip().splitlines()
+    try:
+        if returncode != 0:
+            raise ValueError(f"exit code {returncode}")
+        if not lines:
+            raise ValueError("printed nothing")
+        printed = json.loads(lines[-1])
+        if not isinstance(printed, dict):
+            raise ValueError("last line is not a JSON object")
+    except ValueError as error:
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        return Outcome(name, command, seconds, {}, f"{error}\n{tail}".strip())
+    return Outcome(name, command, seconds, numbers(printed), None)
+
+
 def run(name: str, quick: bool) -> Outcome:
     args = [sys.executable, "-m", f"bench.{name}", *(["--quick"] if quick else [])]
     command = " ".join(["python", *args[1:]])
     started = time.monotonic()
     process = subprocess.run(args, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
-    lines = process.stdout.strip().splitlines()
-    try:
-        if process.returncode != 0:
-            raise ValueError(f"exit code {process.returncode}")
-        figures = json.loads(lines[-1])
-        if not isinstance(figures, dict):
-            raise ValueError("last line is not a JSON object")
-    except (IndexError, ValueError) as error:
-        tail = "\n".join(process.stderr.strip().splitlines()[-5:])
-        return Outcome(name, command, seconds, {}, f"{error}\n{tail}".strip())
-    numbers = {k: float(v) for k, v in figures.items() if isinstance(v, int | float)}
-    return Outcome(name, command, seconds, numbers, None)
+    return read_outcome(name, command, seconds, process.returncode, process.stdout, process.stderr)
 
 
-def rows(outcome: Outcome) -> list[tuple[str, str, str, str, str]]:
-    """(bench, figure, value, goal, verdict) rows of one outcome."""
+def _ratio(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def rows(outcome: Outcome) -> list[Row]:
+    """The table's rows for one bench: a row per goal, then its same-run baseline."""
     if outcome.error is not None:
-        return [(outcome.name, "—", "—", "—", f"FAILED: {outcome.error.splitlines()[0]}")]
-    result = []
-    baseline = BASELINES.get(outcome.name)
+        failure = f"FAILED: {outcome.error.splitlines()[0]}"
+        return [(outcome.name, "—", "—", "—", "—", failure)]
+    result: list[Row] = []
     for goal in GOALS[outcome.name]:
         value = outcome.figures.get(goal.figure)
         if value is None:
-            result.append((outcome.name, goal.figure, "missing", goal.describe(), "FAILED"))
+            result.append((outcome.name, goal.figure, "missing", goal.describe(), "—", "FAILED"))
             continue
         verdict = "met" if goal.met(value) else "not met"
-        result.append((outcome.name, goal.figure, f"{value:,.3g}", goal.describe(), verdict))
+        result.append(
+            (
+                outcome.name,
+                goal.figure,
+                _figure(value),
+                goal.describe(),
+                _ratio(goal.ratio(value)),
+                verdict,
+            )
+        )
+    baseline = BASELINES.get(outcome.name)
     if baseline is not None and baseline in outcome.figures:
         value = outcome.figures[baseline]
-        result.append((outcome.name, baseline, f"{value:,.3g}", "same-run baseline", ""))
+        result.append((outcome.name, baseline, _figure(value), "(baseline)", "", ""))
     return result
 
 
-def markdown(outcomes: Sequence[Outcome], quick: bool) -> str:
-    today = datetime.date.today().isoformat()
+def markdown(outcomes: Sequence[Outcome], quick: bool, today: datetime.date | None = None) -> str:
+    """The generated block of ``RESULTS.md``: the table and every figure each bench
+    printed, between ``BEGIN`` and ``END``."""
+    day = (today or datetime.date.today()).isoformat()
     lines = [
         BEGIN,
-        f"## Latest `make bench`{' --quick' if quick else ''} — {today}",
+        f"## Latest `make bench`{' --quick' if quick else ''} — {day}",
         "",
         f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.machine()}.",
+        f"{platform.system()} {platform.machine()}. Ratio: the value against its goal, "
+        "≥ 1 when met.",
+    ]
+    if quick:
+        lines.append(
+            "Sizes shrunk by `--quick`: the verdicts are indicative; the sections below give "
+            "the figures at full size."
+        )
+    lines += [
         "",
-        "| bench | figure | value | goal | verdict |",
-        "|---|---|---:|---|---|",
+        f"| {' | '.join(COLUMNS)} |",
+        "|---|---|---:|---|---:|---|",
     ]
     lines += [f"| {' | '.join(row)} |" for outcome in outcomes for row in rows(outcome)]
     lines += ["", "Commands and every figure printed:", ""]
@@ -142,38 +207,47 @@ def markdown(outcomes: Sequence[Outcome], quick: bool) -> str:
     return "\n".join(lines)
 
 
-def write_results(block: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = f"{head}{block}{tail}"
-    else:
-        title, _, body = text.partition("\n")
-        text = f"{title}\n\n{block}\n{body}"
-    RESULTS.write_text(text)
+def replace_block(text: str, block: str) -> str:
+    """``text`` with its generated block replaced by ``block``; without one, ``block`` goes
+    before the first section (the hand-written introduction stays above it)."""
+    begin, end = text.find(BEGIN), text.find(END)
+    if begin >= 0 and end > begin:
+        return f"{text[:begin]}{block}{text[end + len(END) :]}"
+    if begin >= 0 or end >= 0:
+        # A marker lost or moved by hand: guessing where the block ends could delete
+        # analysis written around it.
+        raise ValueError(f"RESULTS.md has a broken generated block: {BEGIN!r} … {END!r}")
+    section = text.find("\n## ")
+    if section < 0:
+        return f"{text.rstrip()}\n\n{block}\n"
+    return f"{text[: section + 1]}{block}\n\n{text[section + 1 :]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shrink every size")
-    parser.add_argument("--only", nargs="+", choices=sorted(GOALS), help="run only these")
+    parser.add_argument("--only", nargs="+", choices=list(GOALS), help="run only these")
     parser.add_argument("--no-write", action="store_true", help="leave bench/RESULTS.md alone")
     options = parser.parse_args(argv)
     console = Console()
+    if not console.is_terminal:
+        # Piped into a log, rich would wrap the table at 80 columns.
+        console.width = 120
     outcomes = []
     for name in options.only or GOALS:
         console.print(f"[bold]bench.{name}[/bold] …")
         outcomes.append(run(name, options.quick))
+        console.print(f"  {outcomes[-1].seconds:.0f} s")
     table = Table(title="Benchmarks", title_justify="left")
-    for column in ("bench", "figure", "value", "goal", "verdict"):
-        table.add_column(column)
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column in ("value", "ratio") else "left")
     for outcome in outcomes:
         for row in rows(outcome):
             table.add_row(*row)
     console.print(table)
     if not options.no_write:
-        write_results(markdown(outcomes, options.quick))
+        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        RESULTS.write_text(replace_block(text, markdown(outcomes, options.quick)))
         console.print(f"Wrote {RESULTS}")
     return 1 if any(outcome.error for outcome in outcomes) else 0
 

@@ -4,6 +4,7 @@ generators in their own processes."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -37,6 +38,7 @@ __all__ = [
     "free_port",
     "latency_summary",
     "log",
+    "parse_options",
     "run_clients",
     "scratch_database",
     "serve_echo",
@@ -57,6 +59,26 @@ def free_port() -> int:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def parse_options(
+    parser: argparse.ArgumentParser,
+    quick: Mapping[str, Any],
+    argv: Sequence[str] | None = None,
+) -> argparse.Namespace:
+    """Parses ``argv`` with a ``--quick`` option added, which replaces the defaults named in
+    ``quick`` (by destination) so the bench takes seconds rather than minutes (``python -m
+    bench --quick``); options given on the command line still win over these."""
+    shrunk = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in quick.items())
+    parser.add_argument("--quick", action="store_true", help=f"a short run: {shrunk}")
+    options = parser.parse_args(argv)
+    unknown = sorted(dest for dest in quick if not hasattr(options, dest))
+    if unknown:
+        raise ValueError(f"--quick names options {parser.prog} does not have: {unknown}")
+    if options.quick:
+        parser.set_defaults(**quick)
+        options = parser.parse_args(argv)
+    return options
 
 
 @dataclass(frozen=True)

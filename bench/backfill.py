@@ -1,6 +1,6 @@
 """Benchmark: a new segment backfilled over a million existing profiles.
 
-    python -m bench.backfill [--profiles 1000000] [--match 0.3]
+    python -m bench.backfill [--profiles 1000000] [--match 0.3] [--quick]
 
 The profile service and the segment engine run as their own processes (``python -m
 services.<name>``). Before the run, ``--profiles`` profiles are written straight into both
@@ -47,6 +47,7 @@ from bench._suite import (
     client_channel,
     free_port,
     log,
+    parse_options,
     scratch_database,
     servers,
     service,
@@ -222,7 +223,7 @@ def main() -> None:
     parser.add_argument(
         "--match", type=float, default=0.3, help="The share of profiles that match."
     )
-    options = parser.parse_args()
+    options = parse_options(parser, {"profiles": 100_000})
     print(json.dumps(asyncio.run(_run(options))))
 
 

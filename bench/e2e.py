@@ -2,7 +2,7 @@
 membership change, with 1,000 segments of mixed kinds.
 
     python -m bench.e2e [--segments 1000] [--users 20000] [--rate 5000] [--seconds 20]
-                        [--events 100000]
+                        [--events 100000] [--quick]
 
 Ingest, profile and the segment engine run as their own processes (``python -m
 services.<name>``), as deployed; this process sends events (``SendEvents`` batches) and
@@ -69,6 +69,7 @@ from bench._suite import (
     free_port,
     latency_summary,
     log,
+    parse_options,
     scratch_database,
     serve_echo,
     servers,
@@ -472,7 +473,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--echo", metavar="ADDRESS", help=argparse.SUPPRESS)
-    options = parser.parse_args()
+    options = parse_options(
+        parser,
+        {
+            "segments": 40,
+            "users": 1_000,
+            "accounts": 50,
+            "rate": 200,
+            "seconds": 5.0,
+            "events": 5_000,
+        },
+    )
     if options.echo:
         asyncio.run(serve_echo(options.echo))
         return

@@ -1,7 +1,7 @@
 """Benchmark: a segment's CSV through ``ExportService.ExportSegmentCsv`` against a raw
 ``COPY ... TO STDOUT (FORMAT csv)`` of the same rows, in the same run.
 
-    python -m bench.export [--members 1000000] [--profile-dir DIR]
+    python -m bench.export [--members 1000000] [--profile-dir DIR] [--quick]
 
 The segment engine, the profile service and the export service run as separate processes
 (``python -m services.<name>``), as they are deployed. The segment is an imported one,
@@ -54,6 +54,7 @@ from bench._suite import (
     client_channel,
     free_port,
     log,
+    parse_options,
     scratch_database,
     servers,
     service,
@@ -283,7 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__)
     parser.add_argument("--members", type=int, default=1_000_000)
     parser.add_argument("--profile-dir", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_options(parser, {"members": 100_000})
     if args.profile_dir is not None:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(run(args.members, args.profile_dir))

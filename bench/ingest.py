@@ -53,6 +53,7 @@ from audience.server import Host
 from audience.service import Resources, migrate
 from audience.telemetry import Telemetry
 from audience.v1 import event_pb2, ingest_service_pb2
+from bench._suite import parse_options
 from services.ingest.app import DEFINITION as INGEST
 
 GOAL_EVENTS_PER_S = 200_000
@@ -479,17 +480,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1000, help="events per call")
     parser.add_argument("--partitions", type=int, default=8, help="bus partitions")
     parser.add_argument("--profile", type=Path, help="py-spy the server into this file")
-    parser.add_argument("--quick", action="store_true", help="3 s measured after 1 s")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("ingest", "echo"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_options(parser, {"seconds": 3.0, "warmup": 1.0}, argv)
 
 
 def main() -> None:
     options = parse()
-    if options.quick:
-        options.seconds, options.warmup = 3.0, 1.0
     if options.client:
         client_main(options)
         return

@@ -1,7 +1,7 @@
 """Benchmark: ``MembershipService.ListMemberships`` (a profile's segments, the hot read)
 against a bare ``grpc.aio`` unary echo, in the same run.
 
-    python -m bench.memberships [--profiles 10000] [--seconds 10] [--clients 2]
+    python -m bench.memberships [--profiles 10000] [--seconds 10] [--clients 2] [--quick]
 
 The segment engine runs as its own process (``python -m services.segment_engine``), with
 authentication on (keys made for the run); the echo server too. Load comes from
@@ -43,6 +43,7 @@ from bench._suite import (
     free_port,
     latency_summary,
     log,
+    parse_options,
     run_clients,
     scratch_database,
     serve_echo,
@@ -268,7 +269,7 @@ def main() -> None:
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
-    options = parser.parse_args()
+    options = parse_options(parser, {"profiles": 2_000, "seconds": 3.0, "warmup": 1.0})
     if options.echo:
         asyncio.run(serve_echo(options.echo))
     elif options.client:

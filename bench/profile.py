@@ -58,6 +58,7 @@ from bench._suite import (
     bench_keys,
     free_port,
     log,
+    parse_options,
     scratch_database,
     servers,
     service,
@@ -528,10 +529,7 @@ def main() -> None:
         "--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)."
     )
     parser.add_argument("--profile", type=Path, help="py-spy the service into this file")
-    parser.add_argument("--quick", action="store_true", help="20,000 events of 2,000 visits")
-    options = parser.parse_args()
-    if options.quick:
-        options.events, options.visitors = 20_000, 2_000
+    options = parse_options(parser, {"events": 20_000, "visitors": 2_000})
     print(json.dumps(asyncio.run(_run(options))))
 
 

@@ -1,11 +1,12 @@
 """Compiled rule predicates against the same rules written by hand as Python lambdas.
 
-``python -m bench.rules [--views N] [--rounds R]`` builds N evaluation views with realistic
-attributes, visits, places and aggregate buckets (filled through ``compile_aggregate`` and
-``accumulate``, as the profile service fills them), compiles a mix of realistic rules, and
-times every rule over every view: first the compiled predicates, then hand-written lambdas
-of the same rules, in the same run. It checks that both find the same members, and prints
-one JSON object as its last line: ``evals_per_s``, ``baseline_evals_per_s`` and ``ratio``.
+``python -m bench.rules [--views N] [--rounds R] [--quick]`` builds N evaluation views with
+realistic attributes, visits, places and aggregate buckets (filled through
+``compile_aggregate`` and ``accumulate``, as the profile service fills them), compiles a mix
+of realistic rules, and times every rule over every view: first the compiled predicates,
+then hand-written lambdas of the same rules, in the same run. It checks that both find the
+same members, and prints one JSON object as its last line: ``evals_per_s``,
+``baseline_evals_per_s`` and ``ratio``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from audience.rules import (
     series_from_buckets,
 )
 from audience.rules.values import AttrValue, Instant
+from bench._suite import parse_options
 
 NOW = 1_700_000_000_000_000
 CHURNED = "datasets/shop/segments/churned"
@@ -222,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.rules", description=__doc__)
     parser.add_argument("--views", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
+    args = parse_options(parser, {"views": 5_000}, argv)
 
     compiled = [compile_rule(parse_rule(text)) for text in RULES]
     ids = [spec.aggregate_id for rule in compiled for spec in rule.aggregates]

@@ -50,7 +50,7 @@ from redis.asyncio import Redis
 from audience.config import CommonConfig
 from audience.db import dsn_with_database
 from audience.server import Host
-from audience.service import Resources, migrate
+from audience.service import Resources, migrate, tune_garbage_collection
 from audience.telemetry import Telemetry
 from audience.v1 import event_pb2, ingest_service_pb2
 from bench._suite import parse_options
@@ -339,6 +339,8 @@ async def run_ingest(options: argparse.Namespace, admin_dsn: str, redis_url: str
             await migrate(resources.postgres, [INGEST])
             host = Host([await INGEST.build(resources)], common)
             port = await host.start()
+            # As `serve` does in a deployed process (the echo below shares the setting).
+            tune_garbage_collection()
             profiler = None
             try:
                 if options.profile:

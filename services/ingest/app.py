@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import gc
 from importlib.resources import files
 
 from audience.server import ServiceUnit
@@ -24,20 +23,6 @@ PROFILE_GROUP = "profile"
 
 TOPICS = {EVENTS_TOPIC: (PROFILE_GROUP,), FAILED_EVENTS_TOPIC: (INGEST_GROUP,)}
 """The topics ingest publishes or consumes, with the groups declared on each."""
-
-
-# Ingest makes and drops thousands of objects the cycle collector tracks per call (upb's
-# message wrappers among them): at the default threshold of 700, a young collection every
-# few hundred events, 5-8% of ingest's CPU (measured in bench.ingest).
-_YOUNG_COLLECTION_THRESHOLD = 20_000
-
-
-def _tune_garbage_collection() -> None:
-    young, *older = gc.get_threshold()
-    if young < _YOUNG_COLLECTION_THRESHOLD:
-        gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, *older)
-    # What exists at startup lives as long as the process: full collections skip it.
-    gc.freeze()
 
 
 async def build(resources: Resources) -> ServiceUnit:
@@ -62,7 +47,6 @@ async def build(resources: Resources) -> ServiceUnit:
     )
     failed = FailedEvents(FailedEventStore(resources.postgres), bus)
     servicer = IngestServicer(ingestor, failed, stream_depth=config.stream_depth)
-    _tune_garbage_collection()
     return ServiceUnit(
         name="ingest",
         service_names=("audience.v1.IngestService",),

@@ -33,9 +33,9 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from redis.asyncio import Redis
@@ -53,6 +53,7 @@ __all__ = [
     "decode_entry",
     "entry_fields",
     "partition_of",
+    "run_to_end",
     "stream_key",
 ]
 
@@ -79,6 +80,8 @@ end
 _MAX_SEQ = 2**64 - 1
 
 _EntryId = tuple[int, int]
+
+_T = TypeVar("_T")
 
 
 def stream_key(namespace: str, topic: str, partition: int) -> str:
@@ -172,6 +175,27 @@ def _raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def run_to_end(step: Awaitable[_T]) -> _T:
+    """Awaits ``step`` to its end even if the calling task is cancelled meanwhile, then
+    raises the cancellation.
+
+    A consumer handles and acknowledges what it read this way. Cancelled halfway, at a
+    SIGTERM, it would leave those entries pending under its own consumer name; the process
+    that replaces it (a new pod, a new name) does not resume them but takes them over
+    only after ``claim_idle``, behind the entries read since. The read itself stays
+    cancellable, so stopping never waits out its block time: only an entry whose reply
+    was on its way as the read was cancelled is left to ``claim_idle``.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning("a step finished after cancellation failed", exc_info=task.exception())
+        raise
 
 
 def _check_name(name: str) -> None:

@@ -10,7 +10,7 @@ import asyncpg
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from audience.streams import Bus
+from audience.streams import Bus, Consumer, Delivery, run_to_end
 from audience.telemetry import consumer_span
 from services.ingest.failed import FAILED_EVENTS_TOPIC, FailedEvents
 
@@ -34,6 +34,7 @@ async def consume_failed_events(
 
     Storing is idempotent, so a delivery handed out again after a crash (or taken over
     from a dead replica) is harmless. Redis and PostgreSQL outages are logged and retried.
+    Cancelled, it first stores what it read (:func:`~audience.streams.run_to_end`).
     """
     spans = tracer or trace.NoOpTracer()
     while True:
@@ -41,22 +42,27 @@ async def consume_failed_events(
         try:
             while True:
                 deliveries = await consumer.read()
-                if not deliveries:
-                    continue
-                with consumer_span(
-                    "ingest consume failed-events",
-                    deliveries[0].headers,
-                    tracer=spans,
-                    linked=[d.headers for d in deliveries[1:]],
-                    attributes={
-                        "messaging.destination.name": FAILED_EVENTS_TOPIC,
-                        "messaging.batch.message_count": len(deliveries),
-                    },
-                ):
-                    stored = await failed.record([d.payload for d in deliveries])
-                    await consumer.ack(deliveries)
-                _log.info("kept %d failed events", stored)
+                if deliveries:
+                    await run_to_end(_store(consumer, deliveries, failed, spans))
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             _log.warning("consuming failed events failed; retrying: %s", error)
             # A new consumer re-reads its pending deliveries first.
             await asyncio.sleep(_RETRY_DELAY)
+
+
+async def _store(
+    consumer: Consumer, deliveries: list[Delivery], failed: FailedEvents, tracer: trace.Tracer
+) -> None:
+    with consumer_span(
+        "ingest consume failed-events",
+        deliveries[0].headers,
+        tracer=tracer,
+        linked=[d.headers for d in deliveries[1:]],
+        attributes={
+            "messaging.destination.name": FAILED_EVENTS_TOPIC,
+            "messaging.batch.message_count": len(deliveries),
+        },
+    ):
+        stored = await failed.record([d.payload for d in deliveries])
+        await consumer.ack(deliveries)
+    _log.info("kept %d failed events", stored)

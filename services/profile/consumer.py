@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from audience.bus.v1 import events_pb2
 from audience.rules.values import timestamp_from_micros
-from audience.streams import Bus, Consumer, Delivery, Message
+from audience.streams import Bus, Consumer, Delivery, Message, run_to_end
 from audience.telemetry import consumer_span, inject
 from audience.v1 import profile_pb2
 from services.profile.applier import Applier, ContentionError, Incoming, Published
@@ -197,13 +197,14 @@ class EventWorker:
         return cls(applier, publisher, consumer, unit_events=unit_events, tracer=tracer)
 
     async def run(self) -> NoReturn:
-        """Works until cancelled, waiting out infrastructure failures."""
+        """Works until cancelled, waiting out infrastructure failures; cancelled, it
+        first finishes handling what it read (:func:`~audience.streams.run_to_end`)."""
         backoff = 0.0
         while True:
             try:
                 deliveries = await self.consumer.read()
                 if deliveries:
-                    await self.handle(deliveries)
+                    await run_to_end(self.handle(deliveries))
                 backoff = 0.0
             except Exception as error:
                 if not is_infrastructure(error):

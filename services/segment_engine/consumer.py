@@ -18,7 +18,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from audience.bus.v1 import profile_change_pb2
-from audience.streams import Bus, Consumer, Delivery
+from audience.streams import Bus, Consumer, Delivery, run_to_end
 from audience.telemetry import consumer_span
 from services.segment_engine.processor import Processor
 
@@ -86,13 +86,16 @@ class ProfileChangeConsumer:
             try:
                 deliveries = await consumer.read()
                 if deliveries:
-                    await self._apply(deliveries)
-                    await consumer.ack(deliveries)
+                    await run_to_end(self._apply_and_ack(consumer, deliveries))
                 backoff = 0.1
             except (OSError, RedisError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
                 _log.warning("profile changes: infrastructure failure; retrying", exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _apply_and_ack(self, consumer: Consumer, deliveries: list[Delivery]) -> None:
+        await self._apply(deliveries)
+        await consumer.ack(deliveries)
 
     async def _apply(self, deliveries: list[Delivery]) -> None:
         changes: list[profile_change_pb2.ProfileChange] = []

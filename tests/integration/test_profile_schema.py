@@ -51,6 +51,36 @@ async def test_the_migrated_schema_has_every_column_and_index_of_the_evaluation_
         await connection.close()
 
 
+async def test_the_aggregates_document_is_compressed_with_lz4_where_the_server_has_it(
+    fresh_postgres_dsn: str,
+) -> None:
+    connection = await asyncpg.connect(fresh_postgres_dsn)
+    try:
+        await db.migrate(
+            connection, schema="profile", migrations=files("services.profile") / "migrations"
+        )
+        offered = await connection.fetchval(
+            "SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'"
+        )
+        method = await connection.fetchval(
+            "SELECT attcompression::text FROM pg_attribute"
+            " WHERE attrelid = 'profile.profiles'::regclass AND attname = 'aggregates'"
+        )
+        # '' is the server's default (pglz unless configured otherwise), 'l' is lz4.
+        assert method == ("l" if "lz4" in offered else "")
+        await connection.execute(
+            "INSERT INTO profile.profiles (dataset, kind, profile_id, aggregates)"
+            " VALUES ('d', 'user', 'u1', $1::jsonb)",
+            json.dumps({f"agg_{n}": [[n, 1, 0.0, None, None, n, n]] for n in range(500)}),
+        )
+        written = await connection.fetchval(
+            "SELECT pg_column_compression(aggregates) FROM profile.profiles"
+        )
+        assert written == ("lz4" if "lz4" in offered else "pglz")
+    finally:
+        await connection.close()
+
+
 async def test_buckets_of_the_first_schema_move_into_the_aggregates_document(
     fresh_postgres_dsn: str, tmp_path: Path
 ) -> None:
@@ -95,7 +125,7 @@ async def test_buckets_of_the_first_schema_move_into_the_aggregates_document(
                 ],
             )
             applied = await db.migrate(connection, schema="profile", migrations=Path(folder))
-            assert applied == ["0002_aggregates_document.sql"]
+            assert applied == ["0002_aggregates_document.sql", "0003_aggregates_lz4.sql"]
             rows = {
                 row["profile_id"]: row
                 for row in await connection.fetch(

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from audience.cli.connection import connect, connection_options
+from audience.cli.names import DATASET_OPTION, dataset_name, resource_name
 from audience.errors import decode
 from audience.v1 import (
     common_pb2,
@@ -33,12 +34,6 @@ __all__ = ["accounts", "profiles"]
 
 T = TypeVar("T")
 
-DATASET_OPTION = click.option(
-    "--dataset",
-    envvar="AUDIENCE_DATASET",
-    default="",
-    help="The dataset of ids given without a full name (or AUDIENCE_DATASET).",
-)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the resource as JSON.")
 
 
@@ -56,16 +51,6 @@ def _call(
         lines = [f"{decoded.code.name}: {decoded.message}"]
         lines += [f"  {v.field}: {v.description}" for v in decoded.violations]
         raise click.ClickException("\n".join(lines)) from None
-
-
-def _dataset(dataset: str) -> str:
-    if not dataset:
-        raise click.UsageError("give --dataset (or AUDIENCE_DATASET), or a full resource name")
-    return f"datasets/{dataset}"
-
-
-def _name(value: str, dataset: str, collection: str) -> str:
-    return value if value.startswith("datasets/") else f"{_dataset(dataset)}/{collection}/{value}"
 
 
 def _print_json(message: Message) -> None:
@@ -227,12 +212,12 @@ def get_profile(
     if (profile is None) == (identity is None):
         raise click.UsageError("give a PROFILE or --identity, not both")
     if profile is not None:
-        request.name = _name(profile, dataset, "profiles")
+        request.name = resource_name(profile, dataset, "profiles")
     else:
         kind, sep, value = (identity or "").partition("=")
         if not sep or not kind or not value:
             raise click.UsageError("--identity takes TYPE=VALUE, such as email=ada@example.com")
-        request.dataset = _dataset(dataset)
+        request.dataset = dataset_name(dataset)
         request.identity.CopyFrom(common_pb2.Identity(type=kind, value=value))
 
     async def action(stub: profile_service_pb2_grpc.ProfileServiceStub) -> profile_pb2.Profile:
@@ -259,7 +244,7 @@ def erase_profile(address: str, dataset: str, profile: str, yes: bool, as_json: 
 
     Later events for its identities are suppressed until they are released.
     """
-    name = _name(profile, dataset, "profiles")
+    name = resource_name(profile, dataset, "profiles")
     if not yes:
         click.confirm(f"Erase {name} and everything known about it?", abort=True)
 
@@ -301,7 +286,7 @@ def accounts() -> None:
 @JSON_OPTION
 def get_account(address: str, dataset: str, account: str, users: int, as_json: bool) -> None:
     """Shows ACCOUNT (an id or a resource name) with its roll-ups and users."""
-    name = _name(account, dataset, "accounts")
+    name = resource_name(account, dataset, "accounts")
 
     async def action(
         stub: profile_service_pb2_grpc.ProfileServiceStub,

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from audience.cli.connection import connect, connection_options
+from audience.cli.names import DATASET_OPTION, dataset_name, resource_name
 from audience.errors import decode
 from audience.v1 import (
     membership_pb2,
@@ -67,13 +68,6 @@ _CAUSES = {
 }
 _UPLOAD_CHUNK = 1 << 20
 
-DATASET_OPTION = click.option(
-    "--dataset",
-    envvar="AUDIENCE_DATASET",
-    default="",
-    help="The dataset of ids given without a full name (or AUDIENCE_DATASET).",
-)
-
 
 class _Stubs:
     def __init__(self, channel: grpc.aio.Channel) -> None:
@@ -95,20 +89,12 @@ def _call(address: str, action: Callable[[_Stubs], Awaitable[T]]) -> T:
         raise click.ClickException("\n".join(lines)) from None
 
 
-def _dataset(dataset: str) -> str:
-    if not dataset:
-        raise click.UsageError("give --dataset (or AUDIENCE_DATASET), or a full resource name")
-    return f"datasets/{dataset}"
-
-
 def _segment(value: str, dataset: str) -> str:
-    return value if value.startswith("datasets/") else f"{_dataset(dataset)}/segments/{value}"
+    return resource_name(value, dataset, "segments")
 
 
 def _member(value: str, dataset: str, account: bool) -> str:
-    if value.startswith("datasets/"):
-        return value
-    return f"{_dataset(dataset)}/{'accounts' if account else 'profiles'}/{value}"
+    return resource_name(value, dataset, "accounts" if account else "profiles")
 
 
 def _rule_text(rule: str | None, rule_file: str | None) -> str | None:
@@ -209,7 +195,7 @@ def create(
         created: segment_pb2.Segment = (
             await stubs.segments.CreateSegment(
                 segment_service_pb2.CreateSegmentRequest(
-                    parent=_dataset(dataset), segment_id=segment_id, segment=segment
+                    parent=dataset_name(dataset), segment_id=segment_id, segment=segment
                 ),
                 timeout=30,
             )
@@ -238,7 +224,7 @@ def list_segments(
 ) -> None:
     """Lists a dataset's segments."""
     request = segment_service_pb2.ListSegmentsRequest(
-        parent=_dataset(dataset),
+        parent=dataset_name(dataset),
         page_size=page_size,
         page_token=page_token,
         kind=_KINDS[kind] if kind else segment_pb2.SEGMENT_KIND_UNSPECIFIED,
@@ -376,7 +362,7 @@ def preview(
     async def action(stubs: _Stubs) -> segment_service_pb2.PreviewSegmentResponse:
         response: segment_service_pb2.PreviewSegmentResponse = await stubs.segments.PreviewSegment(
             segment_service_pb2.PreviewSegmentRequest(
-                parent=_dataset(dataset), kind=_KINDS[kind], rule_text=text, sample_size=sample
+                parent=dataset_name(dataset), kind=_KINDS[kind], rule_text=text, sample_size=sample
             ),
             timeout=120,
         )
@@ -489,7 +475,7 @@ def watch(
     on after it, missing nothing.
     """
     request = membership_service_pb2.WatchMembershipChangesRequest(
-        parent=_dataset(dataset),
+        parent=dataset_name(dataset),
         segments=[_segment(s, dataset) for s in segment_filter],
         kind=_CHANGE_KINDS[kind] if kind else membership_pb2.MEMBERSHIP_CHANGE_KIND_UNSPECIFIED,
         heartbeat_interval=duration_pb2.Duration(seconds=max(1, round(heartbeat))),

@@ -1,5 +1,9 @@
 """``audience export``: CSV downloads, destinations, export jobs, schedules and webhooks.
 
+Segments, destinations, jobs, schedules and webhook subscriptions are named by id within
+``--dataset`` (or ``AUDIENCE_DATASET``), or by their full resource names
+(``datasets/shop/segments/vip``, ``datasets/shop/exportJobs/nightly-1``).
+
 Columns are given as ``profile_id``, ``segment_id``, ``join_time``, ``change``,
 ``change_time``, ``segment_version``, ``identity:TYPE`` or ``attribute:PATH``, each
 optionally followed by ``=HEADER`` (``identity:email=Email``).
@@ -22,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from audience.cli.connection import connect, connection_options
+from audience.cli.names import DATASET_OPTION, dataset_name, resource_name
 from audience.errors import decode
 from audience.v1 import export_pb2, export_service_pb2, export_service_pb2_grpc, membership_pb2
 
@@ -110,7 +115,16 @@ def _table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], to
         console.print(f"More: --page-token {token}")
 
 
+def _segments(values: Sequence[str], dataset: str) -> list[str]:
+    return [resource_name(value, dataset, "segments") for value in values]
+
+
+def _subscription(value: str, dataset: str) -> str:
+    return resource_name(value, dataset, "webhookSubscriptions")
+
+
 def _job(
+    dataset: str,
     segments: Sequence[str],
     destination: str,
     mode: str,
@@ -118,8 +132,8 @@ def _job(
     file_name: str,
 ) -> export_pb2.ExportJob:
     return export_pb2.ExportJob(
-        segments=list(segments),
-        destination=destination,
+        segments=_segments(segments, dataset),
+        destination=resource_name(destination, dataset, "destinations"),
         mode=_MODES[mode],
         columns=_columns(columns),
         file_name_template=file_name,
@@ -151,10 +165,12 @@ JOB_OPTIONS = [
         "segments",
         multiple=True,
         required=True,
-        help="A segment, datasets/{dataset}/segments/{segment} (repeat for several).",
+        help="A segment: an id, or datasets/{dataset}/segments/{segment} (repeat for several).",
     ),
     click.option(
-        "--destination", required=True, help="datasets/{dataset}/destinations/{destination}."
+        "--destination",
+        required=True,
+        help="An id, or datasets/{dataset}/destinations/{destination}.",
     ),
     click.option("--mode", type=click.Choice(sorted(_MODES)), default="full", show_default=True),
     COLUMN_OPTION,
@@ -180,6 +196,7 @@ def export() -> None:
 
 @export.command("csv")
 @connection_options
+@DATASET_OPTION
 @click.argument("segments", nargs=-1, required=True)
 @COLUMN_OPTION
 @click.option(
@@ -189,11 +206,16 @@ def export() -> None:
     help="File to write; standard output when absent.",
 )
 def download(
-    address: str, segments: tuple[str, ...], columns: tuple[str, ...], output: Path | None
+    address: str,
+    dataset: str,
+    segments: tuple[str, ...],
+    columns: tuple[str, ...],
+    output: Path | None,
 ) -> None:
-    """Downloads the members of SEGMENTS (datasets/{dataset}/segments/{segment}) as CSV."""
+    """Downloads the members of SEGMENTS (ids, or datasets/{dataset}/segments/{segment}) as
+    CSV."""
     request = export_service_pb2.ExportSegmentCsvRequest(
-        segments=list(segments), columns=_columns(columns)
+        segments=_segments(segments, dataset), columns=_columns(columns)
     )
 
     async def run(stub: export_service_pb2_grpc.ExportServiceStub) -> int:
@@ -234,26 +256,26 @@ def destinations() -> None:
 
 @destinations.command("create-folder")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @click.argument("destination_id")
 @click.argument("path")
 @click.option("--display-name", default="")
 def create_folder(
-    address: str, parent: str, destination_id: str, path: str, display_name: str
+    address: str, dataset: str, destination_id: str, path: str, display_name: str
 ) -> None:
-    """Creates a folder destination under the service's export root."""
+    """Creates DESTINATION_ID, the folder PATH under the service's export root."""
     destination = export_pb2.Destination(
         display_name=display_name, folder=export_pb2.FolderTarget(path=path)
     )
     request = export_service_pb2.CreateDestinationRequest(
-        parent=parent, destination_id=destination_id, destination=destination
+        parent=dataset_name(dataset), destination_id=destination_id, destination=destination
     )
     _print(_call(address, lambda stub: stub.CreateDestination(request)).destination)
 
 
 @destinations.command("create-sftp")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @click.argument("destination_id")
 @click.option("--host", required=True)
 @click.option("--port", default=22, show_default=True)
@@ -269,7 +291,7 @@ def create_folder(
 @click.option("--display-name", default="")
 def create_sftp(
     address: str,
-    parent: str,
+    dataset: str,
     destination_id: str,
     host: str,
     port: int,
@@ -279,7 +301,8 @@ def create_sftp(
     known_host_key: str,
     display_name: str,
 ) -> None:
-    """Creates an SFTP destination; its credential stays in the service's environment."""
+    """Creates DESTINATION_ID, an SFTP server; its credential stays in the service's
+    environment."""
     destination = export_pb2.Destination(
         display_name=display_name,
         sftp=export_pb2.SftpTarget(
@@ -292,28 +315,31 @@ def create_sftp(
         ),
     )
     request = export_service_pb2.CreateDestinationRequest(
-        parent=parent, destination_id=destination_id, destination=destination
+        parent=dataset_name(dataset), destination_id=destination_id, destination=destination
     )
     _print(_call(address, lambda stub: stub.CreateDestination(request)).destination)
 
 
 @destinations.command("get")
 @connection_options
-@click.argument("name")
-def get_destination(address: str, name: str) -> None:
-    """Shows a destination."""
-    request = export_service_pb2.GetDestinationRequest(name=name)
+@DATASET_OPTION
+@click.argument("destination")
+def get_destination(address: str, dataset: str, destination: str) -> None:
+    """Shows DESTINATION (an id, or datasets/{dataset}/destinations/{destination})."""
+    request = export_service_pb2.GetDestinationRequest(
+        name=resource_name(destination, dataset, "destinations")
+    )
     _print(_call(address, lambda stub: stub.GetDestination(request)).destination)
 
 
 @destinations.command("list")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @_paged
-def list_destinations(address: str, parent: str, page_size: int, page_token: str) -> None:
+def list_destinations(address: str, dataset: str, page_size: int, page_token: str) -> None:
     """Lists a dataset's destinations."""
     request = export_service_pb2.ListDestinationsRequest(
-        parent=parent, page_size=page_size, page_token=page_token
+        parent=dataset_name(dataset), page_size=page_size, page_token=page_token
     )
     response = _call(address, lambda stub: stub.ListDestinations(request))
     rows = []
@@ -328,9 +354,11 @@ def list_destinations(address: str, parent: str, page_size: int, page_token: str
 
 @destinations.command("delete")
 @connection_options
-@click.argument("name")
-def delete_destination(address: str, name: str) -> None:
-    """Deletes a destination no schedule uses."""
+@DATASET_OPTION
+@click.argument("destination")
+def delete_destination(address: str, dataset: str, destination: str) -> None:
+    """Deletes DESTINATION (an id or a full name), which no schedule may use."""
+    name = resource_name(destination, dataset, "destinations")
     request = export_service_pb2.DeleteDestinationRequest(name=name)
     _call(address, lambda stub: stub.DeleteDestination(request))
     click.echo(f"Deleted {name}")
@@ -346,13 +374,13 @@ def jobs() -> None:
 
 @jobs.command("create")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @_job_options
 @click.option("--id", "job_id", default="", help="The job id; generated when absent.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end, showing its progress.")
 def create_job(
     address: str,
-    parent: str,
+    dataset: str,
     segments: tuple[str, ...],
     destination: str,
     mode: str,
@@ -361,11 +389,11 @@ def create_job(
     job_id: str,
     wait: bool,
 ) -> None:
-    """Starts an export job in PARENT (datasets/{dataset})."""
+    """Starts an export job in --dataset."""
     request = export_service_pb2.CreateExportJobRequest(
-        parent=parent,
+        parent=dataset_name(dataset),
         export_job_id=job_id,
-        export_job=_job(segments, destination, mode, columns, file_name),
+        export_job=_job(dataset, segments, destination, mode, columns, file_name),
     )
     job = _call(address, lambda stub: stub.CreateExportJob(request)).export_job
     if wait:
@@ -394,10 +422,12 @@ def _wait(address: str, name: str) -> export_pb2.ExportJob:
 
 @jobs.command("get")
 @connection_options
-@click.argument("name")
+@DATASET_OPTION
+@click.argument("job")
 @click.option("--wait", is_flag=True, help="Wait for the job to end, showing its progress.")
-def get_job(address: str, name: str, wait: bool) -> None:
-    """Shows a job and its progress."""
+def get_job(address: str, dataset: str, job: str, wait: bool) -> None:
+    """Shows JOB (an id, or datasets/{dataset}/exportJobs/{job}) and its progress."""
+    name = resource_name(job, dataset, "exportJobs")
     if wait:
         _print(_wait(address, name))
         return
@@ -407,13 +437,16 @@ def get_job(address: str, name: str, wait: bool) -> None:
 
 @jobs.command("list")
 @connection_options
-@click.argument("parent")
-@click.option("--schedule", default="", help="Only the jobs of this schedule.")
+@DATASET_OPTION
+@click.option("--schedule", default="", help="Only the jobs of this schedule (an id or name).")
 @_paged
-def list_jobs(address: str, parent: str, schedule: str, page_size: int, page_token: str) -> None:
+def list_jobs(address: str, dataset: str, schedule: str, page_size: int, page_token: str) -> None:
     """Lists a dataset's jobs, newest first."""
     request = export_service_pb2.ListExportJobsRequest(
-        parent=parent, schedule=schedule, page_size=page_size, page_token=page_token
+        parent=dataset_name(dataset),
+        schedule=resource_name(schedule, dataset, "schedules") if schedule else "",
+        page_size=page_size,
+        page_token=page_token,
     )
     response = _call(address, lambda stub: stub.ListExportJobs(request))
     rows = [
@@ -436,10 +469,13 @@ def list_jobs(address: str, parent: str, schedule: str, page_size: int, page_tok
 
 @jobs.command("cancel")
 @connection_options
-@click.argument("name")
-def cancel_job(address: str, name: str) -> None:
-    """Cancels a pending or running job."""
-    request = export_service_pb2.CancelExportJobRequest(name=name)
+@DATASET_OPTION
+@click.argument("job")
+def cancel_job(address: str, dataset: str, job: str) -> None:
+    """Cancels JOB (an id or a full name), pending or running."""
+    request = export_service_pb2.CancelExportJobRequest(
+        name=resource_name(job, dataset, "exportJobs")
+    )
     _print(_call(address, lambda stub: stub.CancelExportJob(request)).export_job)
 
 
@@ -453,7 +489,7 @@ def schedules() -> None:
 
 @schedules.command("create")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @click.argument("schedule_id")
 @click.option("--cron", required=True, help="Five fields, such as '0 2 * * *'.")
 @click.option("--time-zone", default="UTC", show_default=True, help="IANA zone of the cron.")
@@ -462,7 +498,7 @@ def schedules() -> None:
 @click.option("--display-name", default="")
 def create_schedule(
     address: str,
-    parent: str,
+    dataset: str,
     schedule_id: str,
     cron: str,
     time_zone: str,
@@ -474,37 +510,40 @@ def create_schedule(
     paused: bool,
     display_name: str,
 ) -> None:
-    """Creates a schedule in PARENT (datasets/{dataset})."""
+    """Creates SCHEDULE_ID: an export job run on --cron."""
     schedule = export_pb2.Schedule(
         display_name=display_name,
         cron=cron,
         time_zone=time_zone,
-        job_template=_job(segments, destination, mode, columns, file_name),
+        job_template=_job(dataset, segments, destination, mode, columns, file_name),
         paused=paused,
     )
     request = export_service_pb2.CreateScheduleRequest(
-        parent=parent, schedule_id=schedule_id, schedule=schedule
+        parent=dataset_name(dataset), schedule_id=schedule_id, schedule=schedule
     )
     _print(_call(address, lambda stub: stub.CreateSchedule(request)).schedule)
 
 
 @schedules.command("get")
 @connection_options
-@click.argument("name")
-def get_schedule(address: str, name: str) -> None:
-    """Shows a schedule."""
-    request = export_service_pb2.GetScheduleRequest(name=name)
+@DATASET_OPTION
+@click.argument("schedule")
+def get_schedule(address: str, dataset: str, schedule: str) -> None:
+    """Shows SCHEDULE (an id, or datasets/{dataset}/schedules/{schedule})."""
+    request = export_service_pb2.GetScheduleRequest(
+        name=resource_name(schedule, dataset, "schedules")
+    )
     _print(_call(address, lambda stub: stub.GetSchedule(request)).schedule)
 
 
 @schedules.command("list")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @_paged
-def list_schedules(address: str, parent: str, page_size: int, page_token: str) -> None:
+def list_schedules(address: str, dataset: str, page_size: int, page_token: str) -> None:
     """Lists a dataset's schedules."""
     request = export_service_pb2.ListSchedulesRequest(
-        parent=parent, page_size=page_size, page_token=page_token
+        parent=dataset_name(dataset), page_size=page_size, page_token=page_token
     )
     response = _call(address, lambda stub: stub.ListSchedules(request))
     rows = [
@@ -521,18 +560,23 @@ def list_schedules(address: str, parent: str, page_size: int, page_token: str) -
 
 @schedules.command("run")
 @connection_options
-@click.argument("name")
+@DATASET_OPTION
+@click.argument("schedule")
 @click.option("--wait", is_flag=True, help="Wait for the job to end, showing its progress.")
-def run_schedule(address: str, name: str, wait: bool) -> None:
-    """Runs a schedule's job now."""
-    request = export_service_pb2.RunScheduleRequest(name=name)
+def run_schedule(address: str, dataset: str, schedule: str, wait: bool) -> None:
+    """Runs the job of SCHEDULE (an id or a full name) now."""
+    request = export_service_pb2.RunScheduleRequest(
+        name=resource_name(schedule, dataset, "schedules")
+    )
     job = _call(address, lambda stub: stub.RunSchedule(request)).export_job
     _print(_wait(address, job.name) if wait else job)
 
 
-def _set_paused(address: str, name: str, paused: bool) -> None:
+def _set_paused(address: str, dataset: str, schedule: str, paused: bool) -> None:
     request = export_service_pb2.UpdateScheduleRequest(
-        schedule=export_pb2.Schedule(name=name, paused=paused),
+        schedule=export_pb2.Schedule(
+            name=resource_name(schedule, dataset, "schedules"), paused=paused
+        ),
         update_mask=field_mask_pb2.FieldMask(paths=["paused"]),
     )
     _print(_call(address, lambda stub: stub.UpdateSchedule(request)).schedule)
@@ -540,25 +584,29 @@ def _set_paused(address: str, name: str, paused: bool) -> None:
 
 @schedules.command("pause")
 @connection_options
-@click.argument("name")
-def pause_schedule(address: str, name: str) -> None:
-    """Stops a schedule from running."""
-    _set_paused(address, name, True)
+@DATASET_OPTION
+@click.argument("schedule")
+def pause_schedule(address: str, dataset: str, schedule: str) -> None:
+    """Stops SCHEDULE (an id or a full name) from running."""
+    _set_paused(address, dataset, schedule, True)
 
 
 @schedules.command("resume")
 @connection_options
-@click.argument("name")
-def resume_schedule(address: str, name: str) -> None:
-    """Lets a paused schedule run again (from its next time, not its missed ones)."""
-    _set_paused(address, name, False)
+@DATASET_OPTION
+@click.argument("schedule")
+def resume_schedule(address: str, dataset: str, schedule: str) -> None:
+    """Lets a paused SCHEDULE run again (from its next time, not its missed ones)."""
+    _set_paused(address, dataset, schedule, False)
 
 
 @schedules.command("delete")
 @connection_options
-@click.argument("name")
-def delete_schedule(address: str, name: str) -> None:
-    """Deletes a schedule."""
+@DATASET_OPTION
+@click.argument("schedule")
+def delete_schedule(address: str, dataset: str, schedule: str) -> None:
+    """Deletes SCHEDULE (an id or a full name)."""
+    name = resource_name(schedule, dataset, "schedules")
     request = export_service_pb2.DeleteScheduleRequest(name=name)
     _call(address, lambda stub: stub.DeleteSchedule(request))
     click.echo(f"Deleted {name}")
@@ -574,7 +622,7 @@ def webhooks() -> None:
 
 @webhooks.command("create")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @click.argument("subscription_id")
 @click.option("--url", required=True)
 @click.option(
@@ -584,13 +632,18 @@ def webhooks() -> None:
     hide_input=True,
     help="Signing secret, 16-256 characters (or AUDIENCE_WEBHOOK_SECRET; prompted otherwise).",
 )
-@click.option("--segment", "segments", multiple=True, help="A segment to watch; all when none.")
+@click.option(
+    "--segment",
+    "segments",
+    multiple=True,
+    help="A segment to watch, an id or a full name (repeat for several); all when none.",
+)
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(sorted(_KINDS)))
 @click.option("--max-attempts", default=0, help="Attempts before a delivery is dead; 8 when 0.")
 @click.option("--display-name", default="")
 def create_webhook(
     address: str,
-    parent: str,
+    dataset: str,
     subscription_id: str,
     url: str,
     secret: str,
@@ -599,17 +652,19 @@ def create_webhook(
     max_attempts: int,
     display_name: str,
 ) -> None:
-    """Creates a webhook subscription in PARENT (datasets/{dataset})."""
+    """Creates SUBSCRIPTION_ID, a webhook subscription POSTing to --url."""
     subscription = export_pb2.WebhookSubscription(
         display_name=display_name,
         url=url,
-        segments=list(segments),
+        segments=_segments(segments, dataset),
         kinds=[_KINDS[kind] for kind in kinds],
         secret=secret,
         max_attempts=max_attempts,
     )
     request = export_service_pb2.CreateWebhookSubscriptionRequest(
-        parent=parent, webhook_subscription_id=subscription_id, webhook_subscription=subscription
+        parent=dataset_name(dataset),
+        webhook_subscription_id=subscription_id,
+        webhook_subscription=subscription,
     )
     _print(
         _call(address, lambda stub: stub.CreateWebhookSubscription(request)).webhook_subscription
@@ -618,21 +673,24 @@ def create_webhook(
 
 @webhooks.command("get")
 @connection_options
-@click.argument("name")
-def get_webhook(address: str, name: str) -> None:
-    """Shows a webhook subscription."""
-    request = export_service_pb2.GetWebhookSubscriptionRequest(name=name)
+@DATASET_OPTION
+@click.argument("subscription")
+def get_webhook(address: str, dataset: str, subscription: str) -> None:
+    """Shows SUBSCRIPTION (an id, or datasets/{dataset}/webhookSubscriptions/{subscription})."""
+    request = export_service_pb2.GetWebhookSubscriptionRequest(
+        name=_subscription(subscription, dataset)
+    )
     _print(_call(address, lambda stub: stub.GetWebhookSubscription(request)).webhook_subscription)
 
 
 @webhooks.command("list")
 @connection_options
-@click.argument("parent")
+@DATASET_OPTION
 @_paged
-def list_webhooks(address: str, parent: str, page_size: int, page_token: str) -> None:
+def list_webhooks(address: str, dataset: str, page_size: int, page_token: str) -> None:
     """Lists a dataset's webhook subscriptions."""
     request = export_service_pb2.ListWebhookSubscriptionsRequest(
-        parent=parent, page_size=page_size, page_token=page_token
+        parent=dataset_name(dataset), page_size=page_size, page_token=page_token
     )
     response = _call(address, lambda stub: stub.ListWebhookSubscriptions(request))
     rows = [
@@ -644,9 +702,11 @@ def list_webhooks(address: str, parent: str, page_size: int, page_token: str) ->
 
 @webhooks.command("delete")
 @connection_options
-@click.argument("name")
-def delete_webhook(address: str, name: str) -> None:
-    """Deletes a webhook subscription and its pending deliveries."""
+@DATASET_OPTION
+@click.argument("subscription")
+def delete_webhook(address: str, dataset: str, subscription: str) -> None:
+    """Deletes SUBSCRIPTION (an id or a full name) and its pending deliveries."""
+    name = _subscription(subscription, dataset)
     request = export_service_pb2.DeleteWebhookSubscriptionRequest(name=name)
     _call(address, lambda stub: stub.DeleteWebhookSubscription(request))
     click.echo(f"Deleted {name}")
@@ -654,13 +714,18 @@ def delete_webhook(address: str, name: str) -> None:
 
 @webhooks.command("deliveries")
 @connection_options
-@click.argument("name")
+@DATASET_OPTION
+@click.argument("subscription")
 @click.option(
     "--state", type=click.Choice(sorted(_DELIVERY_STATES)), default="dead", show_default=True
 )
 @_paged
-def list_deliveries(address: str, name: str, state: str, page_size: int, page_token: str) -> None:
-    """Lists a subscription's deliveries, newest first: by default the dead-letter list."""
+def list_deliveries(
+    address: str, dataset: str, subscription: str, state: str, page_size: int, page_token: str
+) -> None:
+    """Lists the deliveries of SUBSCRIPTION (an id or a full name), newest first: by default
+    the dead-letter list."""
+    name = _subscription(subscription, dataset)
     request = export_service_pb2.ListWebhookDeliveriesRequest(
         parent=name, state=_DELIVERY_STATES[state], page_size=page_size, page_token=page_token
     )
@@ -679,11 +744,21 @@ def list_deliveries(address: str, name: str, state: str, page_size: int, page_to
 
 @webhooks.command("replay")
 @connection_options
-@click.argument("name")
-@click.option("--delivery", "deliveries", multiple=True, help="A dead delivery; all when none.")
-def replay_deliveries(address: str, name: str, deliveries: tuple[str, ...]) -> None:
-    """Sends a subscription's dead deliveries again, in their original order."""
-    names = [d if "/" in d else f"{name}/deliveries/{d}" for d in deliveries]
+@DATASET_OPTION
+@click.argument("subscription")
+@click.option(
+    "--delivery",
+    "deliveries",
+    multiple=True,
+    help="A dead delivery, its id or full name (repeat for several); all when none.",
+)
+def replay_deliveries(
+    address: str, dataset: str, subscription: str, deliveries: tuple[str, ...]
+) -> None:
+    """Sends the dead deliveries of SUBSCRIPTION (an id or a full name) again, in their
+    original order."""
+    name = _subscription(subscription, dataset)
+    names = [d if d.startswith("datasets/") else f"{name}/deliveries/{d}" for d in deliveries]
     request = export_service_pb2.ReplayWebhookDeliveriesRequest(parent=name, names=names)
     response = _call(address, lambda stub: stub.ReplayWebhookDeliveries(request))
     click.echo(f"Queued {response.replayed_count} deliveries again")

@@ -17,6 +17,7 @@ from audience.rules.view import evaluation_row, view_from_proto
 from audience.v1 import event_pb2, profile_pb2, rule_pb2
 from services.profile.cache import StateCache
 from services.profile.codec import (
+    bucket_bytes,
     change_batch,
     encode_change,
     evaluation_columns,
@@ -474,6 +475,35 @@ def test_a_backfill_counts_what_the_live_path_counted(
 
 
 # --- What is published and written -----------------------------------------------------------
+
+
+_INSTANTS = st.integers(min_value=-62_135_596_800_000_000, max_value=253_402_300_799_999_999)
+_DOUBLES = st.floats(allow_nan=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=_INSTANTS,
+    count=st.integers(min_value=0, max_value=2**63 - 1),
+    total=_DOUBLES,
+    low=st.none() | _DOUBLES,
+    high=st.none() | _DOUBLES,
+    first=st.none() | _INSTANTS,
+    last=st.none() | _INSTANTS,
+    distinct=st.lists(st.text(max_size=300), max_size=3).map(tuple),
+)
+def test_a_bucket_is_encoded_by_hand_as_protobuf_encodes_it(
+    start: int,
+    count: int,
+    total: float,
+    low: float | None,
+    high: float | None,
+    first: int | None,
+    last: int | None,
+    distinct: tuple[str, ...],
+) -> None:
+    bucket = BucketState(start, count, total, low, high, first, last, distinct)
+    assert bucket_bytes(bucket) == bucket.to_proto().SerializeToString(deterministic=True)
 
 
 def test_the_published_view_is_what_the_rules_read_from_the_row() -> None:

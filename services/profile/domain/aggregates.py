@@ -283,9 +283,7 @@ def count_facts(
                     expire = start + expires
             aggregate_id = compiled.aggregate_id
             series = aggregates.get(aggregate_id)
-            if series is None:
-                series = aggregates[aggregate_id] = AggregateSeries()
-            old = series.buckets.get(start)
+            old = None if series is None else series.buckets.get(start)
             if old is None:
                 if family == _COUNT:
                     bucket = BucketState(start, 1, 0.0, None, None, moment, moment)
@@ -314,7 +312,11 @@ def count_facts(
                     moment if last is None or moment > last else last,
                     keys,
                 )
-            series.put(bucket)
+            if series is None:
+                # Most matches in a young profile start its series: made with its bucket.
+                aggregates[aggregate_id] = AggregateSeries({start: bucket})
+            else:
+                series.put(bucket)
             changed.add(aggregate_id)
     state.expire = expire
 

@@ -291,11 +291,18 @@ def _series_document(aggregate_id: str, series: AggregateSeries) -> str:
 def aggregates_document(aggregates: Mapping[str, AggregateSeries]) -> str:
     """The ``aggregates`` column of a profile (``audience.rules.aggregates_json``, to the
     letter), re-encoding only what changed."""
-    return document_json(
-        _series_document(aggregate_id, aggregates[aggregate_id])
-        for aggregate_id in sorted(aggregates)
-        if aggregates[aggregate_id].buckets
-    )
+    # A profile has dozens of series and a unit changes a few: the loop stays inline and
+    # calls out only for a series whose text is stale (a kept text implies buckets).
+    parts = []
+    for aggregate_id in sorted(aggregates):
+        series = aggregates[aggregate_id]
+        text = series.document
+        if text is None:
+            if not series.buckets:
+                continue
+            text = _series_document(aggregate_id, series)
+        parts.append(text)
+    return document_json(parts)
 
 
 # --- Views --------------------------------------------------------------------------------
@@ -325,8 +332,13 @@ def profile_view(state: ProfileState) -> bytes:
     if context is not None:
         parts.append(length_delimited(_VIEW_CONTEXT, context))
     for aggregate_id, series in state.aggregates.items():
-        if series.buckets:
-            parts.append(_series_bytes(aggregate_id, series))
+        # Inline, as in `aggregates_document`: most series are unchanged.
+        encoded = series.encoded
+        if encoded is None:
+            if not series.buckets:
+                continue
+            encoded = _series_bytes(aggregate_id, series)
+        parts.append(encoded)
     return b"".join(parts)
 
 

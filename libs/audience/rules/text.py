@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import TypeVar
@@ -19,10 +20,18 @@ import grpc
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from audience.errors import AudienceError, FieldViolation
+from audience.rules.validate import MAX_DEPTH
 from audience.rules.values import format_instant, micros_from_timestamp
 from audience.v1 import common_pb2, event_pb2, rule_pb2
 
-__all__ = ["RuleSyntaxError", "format_comparison", "format_rule", "format_value", "parse_rule"]
+__all__ = [
+    "MAX_TEXT_NESTING",
+    "RuleSyntaxError",
+    "format_comparison",
+    "format_rule",
+    "format_value",
+    "parse_rule",
+]
 
 _O = rule_pb2.Operator
 _F = rule_pb2.AggregateFunction
@@ -416,6 +425,12 @@ _TOKEN = re.compile(
 )
 _AFTER_DOT = re.compile(r"[A-Za-z0-9_-]+|`[A-Za-z0-9_-]+`")
 
+MAX_TEXT_NESTING = 2 * MAX_DEPTH
+"""How deep text may nest parentheses, brackets, `not`, groups and roll-ups. The text of
+every valid rule fits (the printer nests one level per level of the tree), deeper text is
+refused as it is read: the parser recurses once per level, and protobuf refuses a tree
+past 100 nested messages (a group or a roll-up is two a level)."""
+
 
 class _Parser:
     def __init__(self, text: str, field: str) -> None:
@@ -423,6 +438,7 @@ class _Parser:
         self.field = field
         self.tokens = self._lex()
         self.index = 0
+        self.depth = 0
 
     # Lexing.
 
@@ -493,6 +509,17 @@ class _Parser:
         self.index += 1
         return token
 
+    @contextmanager
+    def nested(self, opening: _Token) -> Iterator[None]:
+        """One level of nesting, opened by ``opening``, for the duration of the block."""
+        if self.depth == MAX_TEXT_NESTING:
+            raise self._fail_at(
+                opening.offset, f"the rule is nested more than {MAX_TEXT_NESTING} levels deep"
+            )
+        self.depth += 1
+        yield
+        self.depth -= 1
+
     def choose(self, mapping: Mapping[str, _K], what: str) -> _K:
         token = self.token
         if token.kind == "NAME" and token.text in mapping:
@@ -532,14 +559,17 @@ class _Parser:
             return rule_pb2.Rule(
                 segment=rule_pb2.SegmentCondition(segment=self.string(), negated=True)
             )
+        token = self.token
         if self.accept("not"):
-            return rule_pb2.Rule(negation=self.unary())
+            with self.nested(token):
+                return rule_pb2.Rule(negation=self.unary())
         return self.primary()
 
     def primary(self) -> rule_pb2.Rule:
         token = self.token
         if self.accept("("):
-            inner = self.rule()
+            with self.nested(token):
+                inner = self.rule()
             self.expect(")")
             return inner
         if token.kind != "NAME":
@@ -549,9 +579,10 @@ class _Parser:
             self.index += 2
             children: list[rule_pb2.Rule] = []
             if not self.accept(")"):
-                children.append(self.rule())
-                while self.accept(","):
+                with self.nested(token):
                     children.append(self.rule())
+                    while self.accept(","):
+                        children.append(self.rule())
                 self.expect(")")
             group = rule_pb2.RuleGroup(rules=children)
             return rule_pb2.Rule(all=group) if word == "all" else rule_pb2.Rule(any=group)
@@ -686,11 +717,13 @@ class _Parser:
         )
 
     def aggregate(self) -> rule_pb2.Rule:
+        opening = self.token
         function = self.choose(_FUNCTION_BY_NAME, "an aggregate function")
         self.expect("(")
         if function == _F.AGGREGATE_FUNCTION_COUNT and self.accept("users"):
             self.expect("where")
-            user_rule = self.rule()
+            with self.nested(opening):
+                user_rule = self.rule()
             self.expect(")")
             return rule_pb2.Rule(
                 user_rollup=rule_pb2.UserRollupCondition(
@@ -818,9 +851,10 @@ class _Parser:
         if self.accept("["):
             items: list[common_pb2.Value] = []
             if not self.accept("]"):
-                items.append(self.value())
-                while self.accept(","):
+                with self.nested(token):
                     items.append(self.value())
+                    while self.accept(","):
+                        items.append(self.value())
                 self.expect("]")
             return common_pb2.Value(list_value=common_pb2.ValueList(values=items))
         raise self.fail("a value")

@@ -8,6 +8,8 @@ from hypothesis import HealthCheck, given, settings
 
 import tests.unit.rules.strategies as gen
 from audience.rules import RuleSyntaxError, format_rule, parse_rule, rule_violations
+from audience.rules.text import MAX_TEXT_NESTING
+from audience.rules.validate import MAX_DEPTH
 from audience.v1 import common_pb2, rule_pb2
 
 USER_RULES = gen.user_rules([gen.SEGMENT_USER, gen.SEGMENT_IMPORTED])
@@ -194,6 +196,56 @@ def test_syntax_errors_name_the_line_and_column(
     assert error.reason == "RULE_SYNTAX_ERROR"
     assert error.violations[0].field == "segment.rule_text"
     assert error.violations[0].description.startswith(f"line {line}, column {column}: ")
+
+
+# Each way text nests, as (opening, closing) around a condition.
+NESTINGS = {
+    "parentheses": ("(", ")"),
+    "not": ("not ", ""),
+    "all": ("all(", ")"),
+    "any": ("any(", ")"),
+    "roll-up": ("count(users where ", ") >= 1"),
+}
+
+
+def _nested(how: str, levels: int) -> str:
+    opening, closing = NESTINGS[how]
+    return opening * levels + "attributes.a exists" + closing * levels
+
+
+@pytest.mark.parametrize("how", sorted(NESTINGS))
+def test_text_nested_past_the_bound_is_a_syntax_error_at_the_opening_too_deep(how: str) -> None:
+    assert parse_rule(_nested(how, MAX_TEXT_NESTING)).WhichOneof("node")
+    opening = NESTINGS[how][0]
+    for levels in (MAX_TEXT_NESTING + 1, 50_000):
+        with pytest.raises(RuleSyntaxError) as caught:
+            parse_rule(_nested(how, levels))
+        error = caught.value
+        assert (error.line, error.column) == (1, MAX_TEXT_NESTING * len(opening) + 1)
+        assert f"nested more than {MAX_TEXT_NESTING} levels deep" in error.detail
+        assert error.violations[0].field == "rule_text"
+
+
+def test_lists_nested_past_the_bound_are_a_syntax_error() -> None:
+    prefix = "attributes.a in "
+    with pytest.raises(RuleSyntaxError) as caught:
+        parse_rule(prefix + "[" * 50_000 + "1" + "]" * 50_000)
+    assert caught.value.column == len(prefix) + MAX_TEXT_NESTING + 1
+
+
+def test_the_deepest_valid_rule_prints_within_the_bound() -> None:
+    # Negations of groups, alternately, the printer's most nested spelling: `not (… and …)`.
+    rule = parse_rule("attributes.a exists")
+    other = parse_rule("attributes.b exists")
+    for level in range(MAX_DEPTH - 1):
+        if level % 2:
+            rule = rule_pb2.Rule(negation=rule)
+        else:
+            rule = rule_pb2.Rule(all=rule_pb2.RuleGroup(rules=[rule, other]))
+    assert rule_violations(rule, gen.USER) == []
+    deeper = rule_pb2.Rule(negation=rule_pb2.Rule(all=rule_pb2.RuleGroup(rules=[rule, other])))
+    assert any("levels deep" in v.description for v in rule_violations(deeper, gen.USER))
+    assert parse_rule(format_rule(rule)) == rule
 
 
 def test_printing_an_incomplete_tree_is_refused() -> None:

@@ -37,7 +37,10 @@ KEY_CHARACTER = rb"[A-Za-z0-9_\-]"
 """The characters of a property, trait or nested map key."""
 
 _SEPARATOR = b"\xff"
-_ANY = b"."
+# A byte of the UTF-8 of a string that is not the NUL character (no other character has a
+# zero byte), and one that is no control character U+0000–U+001F, which ids may not hold.
+_TEXT = rb"[^\x00]"
+_ID = rb"[^\x00-\x1f]"
 _VARINT_MORE = rb"[\x80-\xff]"
 # A double whose 11 exponent bits are not all set (NaN and infinities have them set): in
 # little-endian order, the high nibble of byte 6 and the low 7 bits of byte 7.
@@ -73,7 +76,7 @@ def _simple_entry() -> bytes:
     value = common_pb2.Value
     string = _tag(value, "string_value", 2)
     strings = b"|".join(
-        re.escape(bytes((size + 2,))) + string + re.escape(bytes((size,))) + b".{%d}" % size
+        re.escape(bytes((size + 2,))) + string + re.escape(bytes((size,))) + _TEXT + b"{%d}" % size
         for size in range(126)
     )
     kinds = b"|".join(
@@ -89,17 +92,17 @@ def _simple_entry() -> bytes:
 
 SIMPLE_ENTRY = _simple_entry()
 """A ``map<string, Value>`` entry: a key of 1–127 key characters and a null, boolean (0 or
-1), finite number or string of at most 125 bytes."""
+1), finite number or string of at most 125 bytes without NUL."""
 
 
 def _item() -> bytes:
     item = event_pb2.CartItem
     optional_strings = b"".join(
-        b"(?:" + _length_delimited(_tag(item, name, 2), _ANY, 0, 127) + b")?"
+        b"(?:" + _length_delimited(_tag(item, name, 2), _TEXT, 0, 127) + b")?"
         for name in ("name", "category", "brand")
     )
     return (
-        _length_delimited(_tag(item, "product_id", 2), _ANY, 1, 127)
+        _length_delimited(_tag(item, "product_id", 2), _ID, 1, 127)
         + optional_strings
         + b"(?:"
         + _tag(item, "price", 1)
@@ -111,19 +114,21 @@ def _item() -> bytes:
 
 
 ITEM = _item()
-"""A cart or order item: a product id of 1–127 bytes, a price that is a finite number of at
-least 0 (or none: 0), a quantity of at least 1."""
+"""A cart or order item: a product id of 1–127 bytes without control characters, a name,
+category and brand without NUL, a price that is a finite number of at least 0 (or none: 0),
+a quantity of at least 1."""
 
 
 def _identity() -> bytes:
     identity = common_pb2.Identity
     return _length_delimited(_tag(identity, "type", 2), rb"[a-z0-9_]", 1, 64) + _length_delimited(
-        _tag(identity, "value", 2), _ANY, 1, 127
+        _tag(identity, "value", 2), _TEXT, 1, 127
     )
 
 
 IDENTITY = _identity()
-"""An identity: a type of 1–64 lower-case letters, digits and ``_``, a value of 1–127 bytes."""
+"""An identity: a type of 1–64 lower-case letters, digits and ``_``, a value of 1–127 bytes
+without NUL."""
 
 
 def _campaign() -> bytes:
@@ -133,18 +138,18 @@ def _campaign() -> bytes:
         frozenset(event_pb2.CampaignAction.values()) - {0},
     )
     return (
-        _length_delimited(_tag(campaign, "campaign_id", 2), _ANY, 1, 127)
+        _length_delimited(_tag(campaign, "campaign_id", 2), _ID, 1, 127)
         + _enum(_tag(campaign, "channel", 0), known[0])
         + _enum(_tag(campaign, "action", 0), known[1])
         + b"(?:"
-        + _length_delimited(_tag(campaign, "creative_id", 2), _ANY, 0, 127)
+        + _length_delimited(_tag(campaign, "creative_id", 2), _ID, 0, 127)
         + b")?"
     )
 
 
 CAMPAIGN = _campaign()
 """A campaign interaction: a campaign id of 1–127 bytes, a known channel and action, a
-creative id of at most 127 bytes."""
+creative id of at most 127 bytes; the ids without control characters."""
 
 
 SMALLEST = {SIMPLE_ENTRY: 9, ITEM: 7, IDENTITY: 8}

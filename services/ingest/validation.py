@@ -8,14 +8,16 @@ Limits (the ``Event`` proto states the public ones; each breach is one :class:`V
 naming the field, relative to the event):
 
 - ids (``event_id``, ``user_id``, ``anonymous_id``, ``account_id``, product, order and
-  campaign ids): 1–128 characters when given;
+  campaign ids): 1–128 characters when given, none a control character (U+0000–U+001F:
+  ids name profiles and accounts, whose names cannot hold them);
 - ``name``: 1–128 characters of letters, digits, ``_ . : -``; required for track events,
   fixed for the other types;
 - property, trait and nested map keys: 1–128 characters of letters, digits, ``_`` and
   ``-`` (so the rule language's dotted paths can name them);
 - at most 200 entries in a map (properties, traits, a nested map), 1,000 values in a
   list, values nested at most 8 levels (a top-level property is level 1);
-- strings of at most 8,192 bytes, anywhere in the event;
+- strings of at most 8,192 bytes, anywhere in the event, and none holding NUL (U+0000),
+  which PostgreSQL cannot store;
 - the whole encoded event at most 64 KiB;
 - numbers finite (NaN and infinities do not survive JSON or PostgreSQL ``jsonb``);
 - ``timestamp`` (after clock-skew correction) from 2000-01-01 to a day after receipt,
@@ -41,8 +43,8 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
-from operator import attrgetter, methodcaller
+from itertools import chain, repeat
+from operator import add, attrgetter, floordiv, methodcaller, mul, sub
 from typing import Any
 
 from audience.v1 import common_pb2, event_pb2
@@ -91,6 +93,8 @@ _MIN_TIMESTAMP_SECONDS = -62_135_596_800
 _MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_CONTROL_BYTES = bytes(range(0x20))
 _KEY = re.compile(KEY_CHARACTER.decode() + "{1,128}")
 _IDENTITY_TYPE = re.compile(r"[a-z0-9_]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
@@ -274,6 +278,12 @@ def _id(value: str, path: str, out: list[Violation], *, required: bool) -> None:
             out.append(Violation(path, "REQUIRED", "Required: 1–128 characters."))
     elif len(value) > MAX_ID_CHARS:
         out.append(_too_long(path, "ID", MAX_ID_CHARS, "characters"))
+    elif _CONTROL.search(value):
+        out.append(
+            Violation(
+                path, "CONTROL_CHARACTER", "Must not hold control characters (U+0000–U+001F)."
+            )
+        )
 
 
 def _finite(value: float, path: str, out: list[Violation], low: float, high: float) -> None:
@@ -339,7 +349,9 @@ class Validator:
         count = len(events)
         found = columns(encodings) if count else None
         if found is None:
-            return self._check_each(events, received_at_ns, set(range(count)))
+            return self._check_each(events, encodings, received_at_ns, set(range(count)))
+        # Each event's wrapper object is made once: a repeated field makes one per access.
+        events = list(events)
         suspects: set[int] = set()
         event_ids = found.event_ids
         if event_ids is None:
@@ -353,10 +365,20 @@ class Validator:
         for column in (users, anonymous):
             if max(map(len, column)) > MAX_ID_CHARS:
                 suspects.update(i for i, v in enumerate(column) if len(v) > MAX_ID_CHARS)
-        if max(map(len, found.account_ids), default=0) > MAX_ID_CHARS:
+        if _any_control(chain(event_ids, users, anonymous)):
+            id_columns: tuple[Sequence[str], ...] = (event_ids, users, anonymous)
+            for id_column in id_columns:
+                suspects.update(i for i, v in enumerate(id_column) if _CONTROL.search(v))
+        account_ids = found.account_ids
+        if max(map(len, account_ids), default=0) > MAX_ID_CHARS or _any_control(account_ids):
             suspects.update(
-                i for i, event in enumerate(events) if len(event.account_id) > MAX_ID_CHARS
+                i
+                for i, event in enumerate(events)
+                if len(event.account_id) > MAX_ID_CHARS or _CONTROL.search(event.account_id)
             )
+        if b"\x00" in found.free_text:
+            # A NUL somewhere in a context or a coupon: in an event with a zero byte.
+            suspects.update(i for i, encoding in enumerate(encodings) if b"\x00" in encoding)
         keys = [user or visitor for user, visitor in zip(users, anonymous, strict=True)]
         if not all(keys):
             suspects.update(i for i, key in enumerate(keys) if not key)
@@ -366,7 +388,7 @@ class Validator:
         payloads = list(map(_PAYLOAD_OF, events))
         self._check_heads(kinds, names, payloads, suspects)
         self._check_properties(found, events, sizes, suspects)
-        self._check_payloads(found, events, kinds, payloads, sizes, suspects)
+        self._check_payloads(found, events, encodings, kinds, payloads, sizes, suspects)
         self._check_contexts(found, events, suspects)
         seconds, nanos = self._check_times(found, events, received_at_ns, suspects)
         fixed_names = [
@@ -374,10 +396,14 @@ class Validator:
             for kind, name in zip(kinds, names, strict=True)
         ]
         checked = CheckedBatch(event_ids, keys, seconds, nanos, fixed_names, set(), {})
-        return self._check_suspects(events, received_at_ns, suspects, checked)
+        return self._check_suspects(events, encodings, received_at_ns, suspects, checked)
 
     def _check_each(
-        self, events: Sequence[event_pb2.Event], received_at_ns: int, suspects: set[int]
+        self,
+        events: Sequence[event_pb2.Event],
+        encodings: Sequence[bytes],
+        received_at_ns: int,
+        suspects: set[int],
     ) -> CheckedBatch:
         """Every event through :meth:`check`."""
         count = len(events)
@@ -390,11 +416,12 @@ class Validator:
             set(),
             {},
         )
-        return self._check_suspects(events, received_at_ns, suspects, checked)
+        return self._check_suspects(events, encodings, received_at_ns, suspects, checked)
 
     def _check_suspects(
         self,
         events: Sequence[event_pb2.Event],
+        encodings: Sequence[bytes],
         received_at_ns: int,
         suspects: set[int],
         checked: CheckedBatch,
@@ -403,7 +430,7 @@ class Validator:
         violations = checked.violations
         for index in sorted(suspects):
             event = events[index]
-            problems = self.check(event, received_at_ns)
+            problems = self.check(event, received_at_ns, encoding=encodings[index])
             if problems is None:
                 checked.keys[index] = partition_key(event)
                 if event.HasField("timestamp"):
@@ -470,6 +497,10 @@ class Validator:
                     break
                 value = properties[key]
                 kind = value.WhichOneof("kind")
+                if kind == "string_value":
+                    if "\x00" in value.string_value:
+                        break
+                    continue
                 if kind in _SCALAR_KINDS or (
                     kind == "number_value" and _isfinite(value.number_value)
                 ):
@@ -483,6 +514,7 @@ class Validator:
         self,
         found: Columns,
         events: Sequence[event_pb2.Event],
+        encodings: Sequence[bytes],
         kinds: Sequence[int],
         payloads: list[str | None],
         sizes: list[int],
@@ -504,7 +536,14 @@ class Validator:
                 )
             ]
         else:
-            each = carrying
+            # The payload checks leave NUL to the full check, which an event without a
+            # zero byte cannot hold.
+            each = []
+            for index in carrying:
+                if b"\x00" in encodings[index]:
+                    suspects.add(index)
+                else:
+                    each.append(index)
         for index in each:
             if not self._payload_fine(events[index], kinds[index], payloads[index]):
                 suspects.add(index)
@@ -516,6 +555,7 @@ class Validator:
             return False
         return (
             _all_within(found.amounts, 0.0, math.inf)
+            and not _any_control(found.order_ids)
             and all_match(ITEM, found.items_encoded)
             and all_match(IDENTITY, found.identities_encoded)
             and all_match(CAMPAIGN, found.campaigns_encoded)
@@ -612,20 +652,32 @@ class Validator:
             received_seconds, received_nanos = divmod(received_at_ns, _NS)
             return [received_seconds] * count, [received_nanos] * count
         if sent.seconds:
-            values = [
-                received_at_ns - (ss * _NS + sn - s * _NS - n)
-                for s, n, ss, sn in zip(
-                    stamps.seconds, stamps.nanos, sent.seconds, sent.nanos, strict=True
+            # received - (sent - timestamp), in seconds and nanos: small integers, and a
+            # carry of -1, 0 or 1 second from the nanos.
+            received_seconds, received_nanos = divmod(received_at_ns, _NS)
+            nanos = list(map(sub, map(add, stamps.nanos, repeat(received_nanos)), sent.nanos))
+            carry = list(map(floordiv, nanos, repeat(_NS)))
+            seconds = list(
+                map(
+                    add,
+                    map(sub, map(add, stamps.seconds, repeat(received_seconds)), sent.seconds),
+                    carry,
                 )
-            ]
+            )
+            if any(carry):
+                nanos = list(map(sub, nanos, map(mul, carry, repeat(_NS))))
         else:
-            values = [s * _NS + n for s, n in zip(stamps.seconds, stamps.nanos, strict=True)]
-        latest = received_at_ns + _FUTURE_TOLERANCE_NS
-        earliest = _MIN_EVENT_SECONDS * _NS
-        if min(values) < earliest or max(values) > latest:
-            suspects.update(i for i, v in enumerate(values) if not earliest <= v <= latest)
-        seconds, nanos = zip(*map(divmod, values, repeat(_NS)), strict=True)
-        return list(seconds), list(nanos)
+            seconds, nanos = stamps.seconds, stamps.nanos
+        latest_seconds, latest_nanos = divmod(received_at_ns + _FUTURE_TOLERANCE_NS, _NS)
+        if min(seconds) < _MIN_EVENT_SECONDS:
+            suspects.update(i for i, second in enumerate(seconds) if second < _MIN_EVENT_SECONDS)
+        if max(seconds) >= latest_seconds:
+            suspects.update(
+                i
+                for i, second in enumerate(seconds)
+                if second > latest_seconds or (second == latest_seconds and nanos[i] > latest_nanos)
+            )
+        return seconds, nanos
 
     def _check_times_each(
         self, events: Sequence[event_pb2.Event], received_at_ns: int, suspects: set[int]
@@ -658,7 +710,9 @@ class Validator:
         columns = list(zip(*map(divmod, times, repeat(_NS)), strict=True))
         return list(columns[0]), list(columns[1])
 
-    def check(self, event: event_pb2.Event, received_at_ns: int) -> list[Violation] | None:
+    def check(
+        self, event: event_pb2.Event, received_at_ns: int, *, encoding: bytes | None = None
+    ) -> list[Violation] | None:
         """Returns what is wrong with an event, or None when it is valid so far.
 
         Normalises a valid event in place (see the module docstring), except for what
@@ -671,6 +725,8 @@ class Validator:
         Args:
             event: the event as the client sent it.
             received_at_ns: the receipt time, nanoseconds since the epoch.
+            encoding: the event's encoding as it came, if the caller has it (else the
+                event is encoded to look for NUL).
         """
         out: list[Violation] = []
         self._event = event
@@ -679,6 +735,14 @@ class Validator:
             self._check(event, received_at_ns, out)
         except _TooLargeError as error:
             return [error.violation]
+        # The UTF-8 of NUL is a zero byte, and no other character's holds one: an encoding
+        # without a zero byte (most are) has no string to look into.
+        if b"\x00" in (event.SerializeToString() if encoding is None else encoding):
+            nul: list[Violation] = []
+            _nul_strings(event, "", nul)
+            # An id holding NUL is reported once, for its control character.
+            reported = {violation.field for violation in out}
+            out.extend(violation for violation in nul if violation.field not in reported)
         return out or None
 
     def check_encoded(self, event: event_pb2.Event, size: int) -> list[Violation] | None:
@@ -701,7 +765,7 @@ class Validator:
         # The common, valid case is written inline, with helpers only to report a problem:
         # this runs for every event, and each call or field read costs tens of nanoseconds.
         event_id = event.event_id
-        if not 0 < len(event_id) <= MAX_ID_CHARS:
+        if not 0 < len(event_id) <= MAX_ID_CHARS or _CONTROL.search(event_id):
             _id(event_id, "event_id", out, required=True)
         kind = event.type
         name = event.name
@@ -734,6 +798,7 @@ class Validator:
             len(user_id) > MAX_ID_CHARS
             or len(anonymous_id) > MAX_ID_CHARS
             or len(account_id) > MAX_ID_CHARS
+            or _CONTROL.search(user_id + anonymous_id + account_id)
         ):
             _id(user_id, "user_id", out, required=False)
             _id(anonymous_id, "anonymous_id", out, required=False)
@@ -880,6 +945,7 @@ class Validator:
             product_id, price, quantity = _ITEM_OF(item)
             if (
                 0 < len(product_id) <= MAX_ID_CHARS
+                and not _CONTROL.search(product_id)
                 and _isfinite(price)
                 and price >= 0
                 and quantity >= 1
@@ -1037,6 +1103,14 @@ class Validator:
             timestamp.seconds, timestamp.nanos = divmod(corrected, _NS)
 
 
+def _any_control(texts: Iterable[str]) -> bool:
+    """Whether some text holds a control character (U+0000–U+001F), over many at once: in
+    UTF-8 their bytes are theirs alone, and deleting bytes is a C loop (a regular expression
+    takes five times as long)."""
+    encoded = "".join(texts).encode()
+    return len(encoded.translate(None, _CONTROL_BYTES)) != len(encoded)
+
+
 def _within(value: float, low: float, high: float) -> bool:
     return _isfinite(value) and low <= value <= high
 
@@ -1153,6 +1227,52 @@ def _value_strings(value: common_pb2.Value, path: str, out: list[Violation]) -> 
         for key, item in value.map_value.fields.items():
             _string(key, path, out)
             _value_strings(item, f"{path}.{key}", out)
+
+
+def _nul_strings(message: Any, path: str, out: list[Violation]) -> None:
+    """Reports every string holding NUL in a message, map keys included (at their map's
+    path)."""
+    for field, value in message.ListFields():
+        name = f"{path}.{field.name}" if path else field.name
+        if field.type == field.TYPE_STRING:
+            if field.is_repeated:
+                out.extend(_nul(f"{name}[{i}]") for i, item in enumerate(value) if "\x00" in item)
+            elif "\x00" in value:
+                out.append(_nul(name))
+        elif field.type != field.TYPE_MESSAGE:
+            continue
+        elif field.message_type.GetOptions().map_entry:
+            # Every map of the event is map<string, Value>.
+            _nul_map(value, name, out)
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                _nul_strings(item, f"{name}[{index}]", out)
+        else:
+            _nul_strings(value, name, out)
+
+
+def _nul_map(entries: Any, path: str, out: list[Violation]) -> None:
+    for key, value in entries.items():
+        if "\x00" in key:
+            out.append(_nul(path))
+        else:
+            _nul_value(value, f"{path}.{key}", out)
+
+
+def _nul_value(value: common_pb2.Value, path: str, out: list[Violation]) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        if "\x00" in value.string_value:
+            out.append(_nul(path))
+    elif kind == "list_value":
+        for index, item in enumerate(value.list_value.values):
+            _nul_value(item, f"{path}[{index}]", out)
+    elif kind == "map_value":
+        _nul_map(value.map_value.fields, path, out)
+
+
+def _nul(path: str) -> Violation:
+    return Violation(path, "NUL_CHARACTER", "Must not hold the NUL character (U+0000).")
 
 
 def _string(value: str, path: str, out: list[Violation]) -> None:

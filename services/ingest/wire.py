@@ -12,7 +12,9 @@ that:
   list: protobuf merges repeated occurrences of a singular message field and appends to a
   repeated field, so declaring ``events`` singular and the checked fields repeated gathers
   each of them, from all events, into one list. Some fields are gathered as their
-  encodings, for validation to check whole (a map entry, a cart item).
+  encodings, for validation to check whole (a map entry, a cart item). The fields a view
+  leaves out are kept by the merged message as unknown fields, in order: the strings
+  validation only needs to know free of NUL are read that way, as one string of bytes.
 
 A column holds every occurrence of its field in the input, in order, the ones a parser of
 the real message drops as overwritten included, and nothing for a field at its default.
@@ -28,7 +30,7 @@ apart from one with none or two.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, repeat
 from operator import add
 from typing import Any, TypeVar, cast
@@ -81,6 +83,8 @@ def _build() -> dict[str, Any]:
         _Field.TYPE_INT64,
     )
     event = event_pb2.Event.DESCRIPTOR
+    # Holds whatever a message's fields are, unread: Page and Utm, all strings.
+    file.message_type.add(name="Opaque")
     view("Timestamp", timestamp_pb2.Timestamp.DESCRIPTOR, {"seconds": int64, "nanos": int32})
     view("Point", common_pb2.GeoPoint.DESCRIPTOR, {"latitude": double, "longitude": double})
     view("Location", event_pb2.Location.DESCRIPTOR, {"country": string, "point": "Point"})
@@ -93,7 +97,14 @@ def _build() -> dict[str, Any]:
     view(
         "Context",
         event_pb2.Context.DESCRIPTOR,
-        {"channel": int32, "location": "Location", "weather": "Weather", "device": "Device"},
+        {
+            "page": "Opaque",
+            "utm": "Opaque",
+            "channel": int32,
+            "location": "Location",
+            "weather": "Weather",
+            "device": "Device",
+        },
     )
     view("Identify", event_pb2.Identify.DESCRIPTOR, {"traits": _ENCODED, "identities": _ENCODED})
     view(
@@ -105,6 +116,7 @@ def _build() -> dict[str, Any]:
         "Order",
         event_pb2.Order.DESCRIPTOR,
         {
+            "order_id": string,
             "items": _ENCODED,
             "currency": string,
             "revenue": double,
@@ -220,6 +232,12 @@ class Columns:
     amounts: list[float]
     """Cart values, order revenues and discounts."""
     campaigns_encoded: list[bytes]
+    order_ids: list[str]
+    free_text: bytes
+    """The encodings of the strings validation limits only in length (those of the context
+    other than its country, an order's coupon), joined: their tags, lengths and UTF-8. A
+    NUL character in one shows as a zero byte; nothing else does but a length of zero,
+    which protobuf does not write (an empty string is not written)."""
 
 
 def columns(encodings: Sequence[bytes]) -> Columns | None:
@@ -238,7 +256,7 @@ def columns(encodings: Sequence[bytes]) -> Columns | None:
         return None
     context, identify, cart, order = event.context, event.identify, event.cart, event.order
     location, weather = context.location, context.weather
-    return Columns(
+    found = Columns(
         event_ids=_one_each(list(event.event_id), "", count),
         types=_one_each(list(event.type), 0, count),
         timestamps=_times(event.timestamp, count),
@@ -258,7 +276,23 @@ def columns(encodings: Sequence[bytes]) -> Columns | None:
         currencies=[*cart.currency, *order.currency],
         amounts=[*cart.value, *order.revenue, *order.discount],
         campaigns_encoded=list(event.campaign_interaction),
+        order_ids=list(order.order_id),
+        free_text=b"",
     )
+    return replace(found, free_text=_free_text(context, order))
+
+
+def _free_text(context: Any, order: Any) -> bytes:
+    """The encodings of the strings the views leave unread (see ``Columns.free_text``):
+    each view's unknown fields, what it still holds once the fields it reads are cleared.
+    It empties the views: read them first."""
+    parts = [context.page.SerializeToString(), context.utm.SerializeToString()]
+    # A message before the one that holds it, which drops it when cleared.
+    for message in (context.location, context.device, context, order):
+        for field, _ in message.ListFields():
+            message.ClearField(field.name)
+        parts.append(message.SerializeToString())
+    return b"".join(parts)
 
 
 def _one_each(column: list[_T], marker: _T, count: int) -> list[_T] | None:

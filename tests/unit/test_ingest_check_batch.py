@@ -231,6 +231,56 @@ def test_values_outside_the_bulk_checks_are_judged_as_each_event_alone() -> None
     assert not proved_in_bulk([view(1), lower_case])
 
 
+def test_nul_anywhere_and_control_characters_in_ids_are_refused_in_bulk_as_alone() -> None:
+    def edited(index: int, edit: Callable[[event_pb2.Event], object]) -> event_pb2.Event:
+        return _edit(index, edit)
+
+    refused = {
+        ("user_id", "CONTROL_CHARACTER"): view(2, user_id="line\nbreak"),
+        ("event_id", "CONTROL_CHARACTER"): view(2, event_id="e\x00"),
+        ("properties.category", "NUL_CHARACTER"): edited(
+            1, lambda e: setattr(e.properties["category"], "string_value", "sh\x00es")
+        ),
+        ("context.ip", "NUL_CHARACTER"): edited(1, lambda e: setattr(e.context, "ip", "\x00")),
+        ("context.location.city", "NUL_CHARACTER"): edited(
+            1, lambda e: setattr(e.context.location, "city", "Aus\x00tin")
+        ),
+        ("context.utm.term", "NUL_CHARACTER"): edited(
+            1, lambda e: setattr(e.context.utm, "term", "\x00")
+        ),
+        ("order.coupon", "NUL_CHARACTER"): edited(
+            ORDER, lambda e: setattr(e.order, "coupon", "SAVE\x00")
+        ),
+        ("order.order_id", "CONTROL_CHARACTER"): edited(
+            ORDER, lambda e: setattr(e.order, "order_id", "o\t1")
+        ),
+        ("cart.items[2].name", "NUL_CHARACTER"): edited(
+            CART, lambda e: e.cart.items.add(product_id="p", name="\x00", quantity=1)
+        ),
+        ("cart.items[2].product_id", "CONTROL_CHARACTER"): edited(
+            CART, lambda e: e.cart.items.add(product_id="p\n", quantity=1)
+        ),
+        ("identify.identities[1].value", "NUL_CHARACTER"): edited(
+            IDENTIFY, lambda e: e.identify.identities.add(type="phone", value="1\x00")
+        ),
+        ("identify.traits.plan", "NUL_CHARACTER"): edited(
+            IDENTIFY, lambda e: setattr(e.identify.traits["plan"], "string_value", "\x00")
+        ),
+        ("campaign_interaction.campaign_id", "CONTROL_CHARACTER"): edited(
+            CAMPAIGN, lambda e: setattr(e.campaign_interaction, "campaign_id", "c\r")
+        ),
+    }
+    for (field, reason), event in refused.items():
+        call = [view(1).SerializeToString(), event.SerializeToString()]
+        assert_as_each(call)
+        assert [violations for violations, _ in outcome(call)] == [None, [(field, reason)]]
+    # Line breaks are refused in ids only; a round price (zero bytes) proves nothing wrong.
+    fine = view(2)
+    fine.context.page.title = "two\nlines"
+    fine.properties["price"].number_value = 20.0
+    assert proved_in_bulk([view(1), fine])
+
+
 def _edit(index: int, edit: Callable[[event_pb2.Event], object]) -> event_pb2.Event:
     event = storefront()[index]
     edit(event)
@@ -505,6 +555,24 @@ _id = st.one_of(
     st.just(""),
     st.text(alphabet="aZ9-é", min_size=1, max_size=3),
     st.sampled_from(["x" * 127, "x" * 128, "x" * 129, "é" * 64]),
+    # Control characters, which ids may not hold, and DEL, which they may.
+    st.sampled_from(["a\nb", "\x00", "tab\t", "\x1f", "\x7f"]),
+)
+# Strings limited in length only: NUL is refused in each, a line break is not.
+_text = st.sampled_from(["", "x", "a\x00b", "\x00", "line\nbreak", "é\x00"])
+_TEXT_FIELDS = (
+    "context.page.url",
+    "context.utm.source",
+    "context.source",
+    "context.location.region",
+    "context.location.city",
+    "context.device.os",
+    "context.device.model",
+    "context.session_id",
+    "context.ip",
+    "context.user_agent",
+    "context.locale",
+    "order.coupon",
 )
 _key = st.one_of(
     st.sampled_from(["color", "a-b_c", "k" * 127, "k" * 128, "k" * 129, "bad key", "", "é"]),
@@ -547,7 +615,7 @@ def _value(depth: int = 0) -> st.SearchStrategy[common_pb2.Value]:
 
 def _change(event: event_pb2.Event, draw: st.DrawFn) -> None:
     """Changes one thing of an event to a value at or past a limit, or unusual."""
-    change = draw(st.integers(0, 18))
+    change = draw(st.integers(0, 19))
     context = event.context
     if change == 0:
         setattr(
@@ -594,8 +662,13 @@ def _change(event: event_pb2.Event, draw: st.DrawFn) -> None:
     elif change == 13:
         body = event.order if event.HasField("order") else event.cart
         item = body.items.add(product_id="sku-9", quantity=1)
-        field = draw(st.sampled_from(["product_id", "price", "quantity"]))
-        values = {"product_id": _id, "price": _number, "quantity": st.sampled_from([0, -1, 2**40])}
+        field = draw(st.sampled_from(["product_id", "name", "price", "quantity"]))
+        values = {
+            "product_id": _id,
+            "name": _text,
+            "price": _number,
+            "quantity": st.sampled_from([0, -1, 2**40]),
+        }
         setattr(item, field, draw(values[field]))
     elif change == 14:
         body = event.order if event.HasField("order") else event.cart
@@ -618,8 +691,14 @@ def _change(event: event_pb2.Event, draw: st.DrawFn) -> None:
             setattr(campaign, field, draw(st.sampled_from([0, 1, 3, 4])))
         else:
             setattr(campaign, field, draw(st.sampled_from(["", "c" * 128, "c" * 129])))
-    else:
+    elif change == 18:
         event.order.order_id = draw(_id)
+    else:
+        *path, name = draw(st.sampled_from(_TEXT_FIELDS)).split(".")
+        message = event
+        for part in path:
+            message = getattr(message, part)
+        setattr(message, name, draw(_text))
 
 
 @st.composite

@@ -112,6 +112,49 @@ def test_ids_are_one_to_128_characters() -> None:
     assert problems(track(account_id="a" * 129)) == [("account_id", "ID_TOO_LONG")]
 
 
+def test_ids_hold_no_control_characters_which_no_profile_name_can() -> None:
+    for control in ("\x00", "\n", "\r", "\t", "\x1f"):
+        for field in ("event_id", "user_id", "anonymous_id", "account_id"):
+            assert problems(track(**{field: f"a{control}b"})) == [(field, "CONTROL_CHARACTER")]
+    assert problems(track(user_id="del\x7f-and-é")) == []
+    cart = event_pb2.Event(event_id="c", type=event_pb2.EVENT_TYPE_CART_UPDATED, user_id="u")
+    cart.cart.items.add(product_id="sku\n1", quantity=1)
+    assert problems(cart) == [("cart.items[0].product_id", "CONTROL_CHARACTER")]
+    order = event_pb2.Event(event_id="o", type=event_pb2.EVENT_TYPE_ORDER_COMPLETED, user_id="u")
+    order.order.order_id = "o\r1"
+    assert problems(order) == [("order.order_id", "CONTROL_CHARACTER")]
+    campaign = event_pb2.Event(
+        event_id="m", type=event_pb2.EVENT_TYPE_CAMPAIGN_INTERACTION, user_id="u"
+    )
+    campaign.campaign_interaction.campaign_id = "spring"
+    campaign.campaign_interaction.creative_id = "tab\there"
+    campaign.campaign_interaction.channel = event_pb2.CAMPAIGN_CHANNEL_EMAIL
+    campaign.campaign_interaction.action = event_pb2.CAMPAIGN_ACTION_OPENED
+    assert problems(campaign) == [("campaign_interaction.creative_id", "CONTROL_CHARACTER")]
+
+
+def test_no_string_anywhere_holds_nul_which_postgresql_cannot_store() -> None:
+    event = track()
+    event.properties["note"].string_value = "a\x00b"
+    event.properties["tags"].list_value.values.add().string_value = "\x00"
+    event.properties["fine"].string_value = "line\nbreak"
+    event.context.page.title = "\x00"
+    event.context.device.model = "x\x00"
+    assert sorted(problems(event)) == [
+        ("context.device.model", "NUL_CHARACTER"),
+        ("context.page.title", "NUL_CHARACTER"),
+        ("properties.note", "NUL_CHARACTER"),
+        ("properties.tags[0]", "NUL_CHARACTER"),
+    ]
+    identify = event_pb2.Event(event_id="i", type=event_pb2.EVENT_TYPE_IDENTIFY, user_id="u")
+    identify.identify.identities.add(type="email", value="ann\x00@example.com")
+    identify.identify.traits["nested"].map_value.fields["deep"].string_value = "\x00"
+    assert sorted(problems(identify)) == [
+        ("identify.identities[0].value", "NUL_CHARACTER"),
+        ("identify.traits.nested.deep", "NUL_CHARACTER"),
+    ]
+
+
 def test_an_event_needs_a_user_or_an_anonymous_id_and_an_account_update_an_account() -> None:
     assert problems(track(user_id="")) == [("user_id", "REQUIRED")]
     assert problems(track(user_id="", anonymous_id="a")) == []

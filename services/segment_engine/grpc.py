@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import timedelta
 
 import grpc.aio
+from google.protobuf import timestamp_pb2
 from opentelemetry import metrics, trace
 
 from audience.errors import FieldViolation, invalid_argument
@@ -68,6 +69,23 @@ def _page_size(value: int, default: int, maximum: int, field: str = "page_size")
             FieldViolation(field, f"must be from 1 to {maximum} (0 for {default})."),
         )
     return value
+
+
+# A Timestamp's range, 0001-01-01 to 9999-12-31: what the store's times can hold.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def _instant(moment: timestamp_pb2.Timestamp, field: str) -> int:
+    """Microseconds since the epoch of a timestamp in range."""
+    if not (_MIN_SECONDS <= moment.seconds <= _MAX_SECONDS and 0 <= moment.nanos < 10**9):
+        raise invalid_argument(
+            f"{field} is not a valid timestamp.",
+            FieldViolation(
+                field, "must be from 0001-01-01 to 9999-12-31 (nanos from 0 to 999,999,999)."
+            ),
+        )
+    return micros_from_timestamp(moment)
 
 
 def _kind(value: int) -> Kind | None:
@@ -349,7 +367,7 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
         response = membership_service_pb2.ListMembershipsResponse()
         if request.HasField("read_time"):
             rows = await self._memberships.at(
-                dataset, kind, subject_id, micros_from_timestamp(request.read_time)
+                dataset, kind, subject_id, _instant(request.read_time, "read_time")
             )
             after = decode_page_token(request.page_token) if request.page_token else ""
             rows = [row for row in rows if row[0] > after]
@@ -512,7 +530,7 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
         which = request.WhichOneof("start_from")
         start = StartPoint(
             token=request.resume_token if which == "resume_token" else None,
-            time=micros_from_timestamp(request.start_time) if which == "start_time" else None,
+            time=_instant(request.start_time, "start_time") if which == "start_time" else None,
         )
         stream = watch_changes(
             self._log,

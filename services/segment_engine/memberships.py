@@ -40,13 +40,17 @@ def page_token(last: str) -> str:
 
 def decode_page_token(token: str, field: str = "page_token") -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        last = base64.urlsafe_b64decode(token.encode()).decode()
     except (ValueError, UnicodeDecodeError):
+        last = None
+    # The token holds an id, and no id holds NUL (which PostgreSQL cannot compare either).
+    if last is None or "\x00" in last:
         raise invalid_argument(
             f"{field} is not a token this service gave.",
             FieldViolation(field, "must be a next_page_token from a previous call."),
             reason="INVALID_PAGE_TOKEN",
-        ) from None
+        )
+    return last
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from services.segment_engine.domain.model import (
     Kind,
     SegmentState,
     Source,
+    has_control_character,
     segment_id_violation,
     segment_name,
 )
@@ -49,6 +50,8 @@ from services.segment_engine.store.members import MemberStore
 from services.segment_engine.store.segments import SegmentStore, bump_catalog, work_lock_key
 
 __all__ = [
+    "MAX_IMPORT_CSV_BYTES",
+    "MAX_IMPORT_IDS",
     "ImportMode",
     "ImportResult",
     "Preview",
@@ -60,6 +63,10 @@ __all__ = [
 _SEGMENT_TYPE = "audience.dev/Segment"
 _DAY = 86_400_000_000
 _MAX_ID = 256
+MAX_IMPORT_IDS = 100_000
+"""Ids in one message of an upload."""
+MAX_IMPORT_CSV_BYTES = 4 * 1024 * 1024
+"""CSV bytes in one message of an upload."""
 _UPDATABLE = frozenset({"display_name", "description", "rule", "rule_text", "labels"})
 
 
@@ -502,8 +509,18 @@ class Segments:
         reader = _CsvIds()
         async for chunk in chunks:
             if isinstance(chunk, bytes):
+                if len(chunk) > MAX_IMPORT_CSV_BYTES:
+                    raise invalid_argument(
+                        "A CSV chunk is at most 4 MiB.",
+                        FieldViolation("csv", "at most 4 MiB a message."),
+                    )
                 ids, bad = reader.feed(chunk)
             else:
+                if len(chunk) > MAX_IMPORT_IDS:
+                    raise invalid_argument(
+                        f"A chunk holds at most {MAX_IMPORT_IDS:,} ids.",
+                        FieldViolation("ids.ids", f"at most {MAX_IMPORT_IDS:,} a message."),
+                    )
                 ids, bad = _valid(chunk)
             rejected += bad
             if ids:
@@ -533,6 +550,22 @@ class Segments:
 
 
 def _valid(ids: Sequence[str]) -> tuple[list[str], int]:
+    """The ids of an ``ImportedIds`` chunk that can be members, and how many are rejected
+    (empty or too long).
+
+    Raises:
+        AudienceError: ``INVALID_ARGUMENT`` when an id holds a control character: a client
+            sending one has split or decoded its list wrongly, so the upload is refused
+            whole.
+    """
+    if has_control_character("".join(ids)):
+        index = next(i for i, value in enumerate(ids) if has_control_character(value))
+        raise invalid_argument(
+            "A member id holds a control character.",
+            FieldViolation(
+                f"ids.ids[{index}]", "must not hold control characters (U+0000–U+001F)."
+            ),
+        )
     good = [value for value in ids if 0 < len(value) <= _MAX_ID]
     return good, len(ids) - len(good)
 
@@ -582,7 +615,7 @@ class _CsvIds:
                 continue
             column = self._column or 0
             value = row[column].strip() if column < len(row) else ""
-            if 0 < len(value) <= _MAX_ID:
+            if 0 < len(value) <= _MAX_ID and not has_control_character(value):
                 ids.append(value)
             else:
                 rejected += 1

@@ -538,7 +538,9 @@ class ImportedIds(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The ids, 1–256 characters each."""
+        """The ids, 1–256 characters each. An id holding a control character (U+0000–U+001F)
+        fails the whole upload with `INVALID_ARGUMENT`: no profile or account name holds one.
+        """
 
     def __init__(
         self,
@@ -568,7 +570,9 @@ class ImportSegmentMembersResponse(_message.Message):
     left_count: _builtins.int
     """How many members left."""
     rejected_count: _builtins.int
-    """How many lines or ids were rejected (empty, too long, or malformed CSV)."""
+    """How many lines or ids were rejected (empty, too long, or malformed CSV, a cell holding
+    a control character among them).
+    """
     @_builtins.property
     def segment(self) -> _segment_pb2.Segment:
         """The segment after the import, with its new version."""

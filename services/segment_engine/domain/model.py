@@ -23,6 +23,7 @@ __all__ = [
     "SegmentState",
     "Source",
     "dataset_name",
+    "has_control_character",
     "member_name",
     "parse_dataset",
     "parse_member",
@@ -115,6 +116,7 @@ class Change:
 _DATASET = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _SEGMENT_ID = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _SUBJECT_ID_MAX = 256
+_CONTROL = re.compile(r"[\x00-\x1f]")
 _COLLECTIONS = {"profiles": Kind.USER, "accounts": Kind.ACCOUNT}
 _COLLECTION_OF = {kind: collection for collection, kind in _COLLECTIONS.items()}
 
@@ -178,6 +180,13 @@ def parse_segment(name: str, field_name: str = "name") -> tuple[str, str]:
     return parts[1], parts[3]
 
 
+def has_control_character(text: str) -> bool:
+    """Whether ``text`` holds a control character (U+0000–U+001F), which no member id may:
+    the profile service's names refuse them, and a change notification carries one id a
+    line."""
+    return _CONTROL.search(text) is not None
+
+
 def parse_member(name: str, field_name: str = "member") -> tuple[str, Kind, str]:
     """Returns ``(dataset, kind, id)`` of ``datasets/{d}/profiles/{id}`` (or ``accounts``)."""
     parts = name.split("/", 3)
@@ -187,6 +196,7 @@ def parse_member(name: str, field_name: str = "member") -> tuple[str, Kind, str]
         or parts[0] != "datasets"
         or not _DATASET.fullmatch(parts[1])
         or not 0 < len(parts[3]) <= _SUBJECT_ID_MAX
+        or has_control_character(parts[3])
     ):
         raise _bad(
             field_name,

@@ -23,6 +23,9 @@ MAX_DESCRIPTION = 2000
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
+# PostgreSQL's text cannot hold NUL.
+_NUL = "\x00"
+_NO_NUL = "must not hold the NUL character."
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +92,14 @@ def metadata_violations(
         found.append(
             FieldViolation(f"{prefix}display_name", f"at most {MAX_DISPLAY_NAME} characters.")
         )
+    elif _NUL in display_name:
+        found.append(FieldViolation(f"{prefix}display_name", _NO_NUL))
     if len(description) > MAX_DESCRIPTION:
         found.append(
             FieldViolation(f"{prefix}description", f"at most {MAX_DESCRIPTION} characters.")
         )
+    elif _NUL in description:
+        found.append(FieldViolation(f"{prefix}description", _NO_NUL))
     if len(labels) > MAX_LABELS:
         found.append(FieldViolation(f"{prefix}labels", f"at most {MAX_LABELS} labels."))
     for key, value in labels.items():
@@ -100,10 +107,15 @@ def metadata_violations(
             found.append(
                 FieldViolation(f"{prefix}labels", f"keys are 1–{MAX_LABEL_KEY} characters.")
             )
+        elif _NUL in key:
+            found.append(FieldViolation(f"{prefix}labels", f"keys {_NO_NUL}"))
+            continue
         if len(value) > MAX_LABEL_VALUE:
             found.append(
                 FieldViolation(
                     f"{prefix}labels[{key[:64]}]", f"at most {MAX_LABEL_VALUE} characters."
                 )
             )
+        elif _NUL in value:
+            found.append(FieldViolation(f"{prefix}labels[{key[:64]}]", _NO_NUL))
     return found

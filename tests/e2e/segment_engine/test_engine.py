@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from audience import rules
 from audience.bus.v1 import profile_change_pb2
@@ -28,6 +28,7 @@ from audience.v1 import (
     segment_service_pb2,
 )
 from services.segment_engine.app import DEFINITION
+from services.segment_engine.segments import MAX_IMPORT_CSV_BYTES, MAX_IMPORT_IDS
 from tests.e2e.conftest import RunningSuite, StartSuite, new_dataset
 from tests.e2e.segment_engine.harness import (
     Clients,
@@ -179,6 +180,23 @@ async def test_a_subscriber_hears_the_join_and_the_leave_of_the_cart_rule_with_r
     assert not leave.reason.flipped_clauses[0].result
     assert leave.reason.flipped_clauses[0].observed.number_value == 130
     assert join.member_sequence < leave.member_sequence
+
+
+async def test_a_view_republished_after_its_publish_was_lost_is_evaluated_in_full(
+    start_suite: StartSuite,
+) -> None:
+    # The profile service committed the shopper's cart of 130, its publish was lost (Redis
+    # went away), and the redelivered batch changed nothing: the same view goes out again
+    # at the same sequence with no events and no keys (found by tests/faults).
+    async with engine(start_suite) as e:
+        segment = await e.clients.create(e.dataset, "cart-under-100", "cart.value < 100")
+        await e.clients.wait_active(segment.name)
+        await e.feed.publish([e.feed.change("shopper", _cart_view(40), ["session"])])
+        await e.clients.eventually_segments(e.dataset, "shopper", {"cart-under-100"})
+        republished = e.feed.change("shopper", _cart_view(130), [], events=0)
+        await e.feed.publish([republished])
+
+        await e.clients.eventually_segments(e.dataset, "shopper", set())
 
 
 def _recent_view(seconds_ago: float, aggregate_id: str) -> profile_change_pb2.EvaluationView:
@@ -623,6 +641,137 @@ async def test_memberships_at_a_past_time_come_from_the_log(start_suite: StartSu
             )
         )
     assert [m.segment for m in past.memberships] == [segment.name]
+
+
+async def _refused(call: Any) -> list[str]:
+    """The fields an INVALID_ARGUMENT names."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    decoded = decode(caught.value)
+    assert decoded.code == grpc.StatusCode.INVALID_ARGUMENT, decoded
+    return [violation.field for violation in decoded.violations]
+
+
+def _imported(e: Engine, segment_id: str, **fields: Any) -> Any:
+    return e.clients.segments.CreateSegment(
+        segment_service_pb2.CreateSegmentRequest(
+            parent=f"datasets/{e.dataset}",
+            segment_id=segment_id,
+            segment=segment_pb2.Segment(
+                kind=segment_pb2.SEGMENT_KIND_USER,
+                source=segment_pb2.SEGMENT_SOURCE_IMPORTED,
+                **fields,
+            ),
+        ),
+        timeout=10,
+    )
+
+
+async def test_text_holding_nul_which_postgresql_cannot_store_is_refused_naming_the_field(
+    start_suite: StartSuite,
+) -> None:
+    async with engine(start_suite) as e:
+        assert await _refused(_imported(e, "a", display_name="a\x00b")) == ["segment.display_name"]
+        assert await _refused(_imported(e, "b", description="\x00")) == ["segment.description"]
+        assert await _refused(_imported(e, "c", labels={"team": "\x00"})) == [
+            "segment.labels[team]"
+        ]
+        assert await _refused(_imported(e, "d", labels={"t\x00": "x"})) == ["segment.labels"]
+        segment = (await _imported(e, "e", display_name="fine")).segment
+        segment.display_name = "\x00"
+        update = e.clients.segments.UpdateSegment(
+            segment_service_pb2.UpdateSegmentRequest(
+                segment=segment, update_mask=field_mask_pb2.FieldMask(paths=["display_name"])
+            )
+        )
+        assert await _refused(update) == ["segment.display_name"]
+
+
+async def test_an_upload_with_a_control_character_in_an_id_is_refused_whole(
+    start_suite: StartSuite,
+) -> None:
+    """Member ids name profiles, whose names hold no control character; the change
+    notification carries one id a line."""
+    async with engine(start_suite) as e:
+        imported = (await _imported(e, "crm")).segment
+        Request = segment_service_pb2.ImportSegmentMembersRequest  # noqa: N806
+        for bad in ("line\nbreak", "nul\x00", "tab\t"):
+            upload = _upload(
+                e,
+                imported.name,
+                segment_service_pb2.IMPORT_MODE_ADD,
+                [
+                    Request(ids=segment_service_pb2.ImportedIds(ids=["ok-1"])),
+                    Request(ids=segment_service_pb2.ImportedIds(ids=["ok-2", bad])),
+                ],
+            )
+            assert await _refused(upload) == ["ids.ids[1]"], bad
+        # In CSV, a cell with one is a malformed line, rejected like an empty one.
+        csv = await _upload(
+            e,
+            imported.name,
+            segment_service_pb2.IMPORT_MODE_ADD,
+            [Request(csv=b'ok-1\n"a\nb"\nnul\x00\n\n')],
+        )
+        assert (csv.joined_count, csv.rejected_count) == (1, 2)
+        count = await e.clients.memberships.CountSegmentMembers(
+            membership_service_pb2.CountSegmentMembersRequest(segment=imported.name)
+        )
+    assert count.count == 1
+
+
+async def test_upload_messages_over_their_documented_size_are_refused(
+    start_suite: StartSuite,
+) -> None:
+    async with engine(start_suite) as e:
+        imported = (await _imported(e, "crm")).segment
+        Request = segment_service_pb2.ImportSegmentMembersRequest  # noqa: N806
+        ids = [f"u{i}" for i in range(MAX_IMPORT_IDS + 1)]
+        too_many = _upload(
+            e,
+            imported.name,
+            segment_service_pb2.IMPORT_MODE_ADD,
+            [Request(ids=segment_service_pb2.ImportedIds(ids=ids))],
+        )
+        assert await _refused(too_many) == ["ids.ids"]
+        too_large = _upload(
+            e,
+            imported.name,
+            segment_service_pb2.IMPORT_MODE_ADD,
+            [Request(csv=b"u\n" * (MAX_IMPORT_CSV_BYTES // 2) + b"x")],
+        )
+        assert await _refused(too_large) == ["csv"]
+
+
+async def test_times_and_durations_out_of_range_are_invalid_argument(
+    start_suite: StartSuite,
+) -> None:
+    """Past what timedelta and the store's times hold, as well as past the limits."""
+    async with engine(start_suite) as e:
+        parent = f"datasets/{e.dataset}/profiles/p"
+        for seconds in (2**63 - 1, 253_402_300_800, -62_135_596_801):
+            listing = e.clients.memberships.ListMemberships(
+                membership_service_pb2.ListMembershipsRequest(
+                    parent=parent, read_time=timestamp_pb2.Timestamp(seconds=seconds)
+                ),
+                timeout=10,
+            )
+            assert await _refused(listing) == ["read_time"], seconds
+        refused: dict[str, dict[str, Any]] = {
+            "heartbeat_interval": {
+                "heartbeat_interval": duration_pb2.Duration(seconds=-86_399_999_913_601)
+            },
+            "start_time": {"start_time": timestamp_pb2.Timestamp(seconds=2**63 - 1)},
+        }
+        subscribers = {field: watch(e, **request) for field, request in refused.items()}
+        await asyncio.sleep(0.3)
+        for subscriber in subscribers.values():
+            await subscriber.stop()
+    for name, subscriber in subscribers.items():
+        assert subscriber.error is not None, name
+        decoded = decode(subscriber.error)
+        assert decoded.code == grpc.StatusCode.INVALID_ARGUMENT, decoded
+        assert [violation.field for violation in decoded.violations] == [name]
 
 
 async def test_explain_says_which_clause_holds_and_what_is_missing(

@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 
 import grpc.aio
+from google.protobuf import timestamp_pb2
 
 from audience import errors
 from audience.errors import FieldViolation
@@ -33,6 +34,13 @@ _PROFILE = re.compile(r"datasets/(?P<dataset>[a-z0-9-]{1,63})/profiles/(?P<id>[^
 _ACCOUNT = re.compile(r"datasets/(?P<dataset>[a-z0-9-]{1,63})/accounts/(?P<id>[^\x00-\x1f]{1,256})")
 _SEGMENT = re.compile(r"datasets/(?P<dataset>[a-z0-9-]{1,63})/segments/[^\x00-\x1f/]{1,256}")
 _IDENTITY_TYPE = re.compile(r"[a-z0-9_]{1,64}")
+# What ingest lets an event be named: no other name is stored.
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# A Timestamp's range, 0001-01-01 to 9999-12-31: what the store's times can hold.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+# A Duration's range: about 10,000 years.
+_MAX_DURATION_SECONDS = 315_576_000_000
 
 MAX_SOURCES = 100
 MAX_RELEASE = 1000
@@ -65,6 +73,13 @@ def _account(value: str, field: str) -> tuple[str, str]:
     return match["dataset"], match["id"]
 
 
+def _instant(timestamp: timestamp_pb2.Timestamp, field: str) -> int:
+    """Microseconds since the epoch of a timestamp in range."""
+    if not (_MIN_SECONDS <= timestamp.seconds <= _MAX_SECONDS and 0 <= timestamp.nanos < 10**9):
+        raise _bad(field, "must be from 0001-01-01 to 9999-12-31 (nanos from 0 to 999,999,999).")
+    return micros_from_timestamp(timestamp)
+
+
 def _page_size(value: int, default: int, maximum: int) -> int:
     if value < 0:
         raise _bad("page_size", "must not be negative.")
@@ -82,10 +97,17 @@ def _identity(identity: common_pb2.Identity, field: str) -> tuple[str, str]:
 def _spec_violations(spec: profile_pb2.AggregateSpec, field: str) -> list[FieldViolation]:
     """What is wrong with an aggregate, checked as the behaviour condition it serves."""
     found: list[FieldViolation] = []
-    if spec.bucket_width.seconds < 0 or spec.bucket_width.nanos < 0:
-        found.append(FieldViolation(f"{field}.bucket_width", "must not be negative."))
-    if spec.retention.seconds < 0 or spec.retention.nanos < 0:
-        found.append(FieldViolation(f"{field}.retention", "must not be negative."))
+    for name in ("bucket_width", "retention"):
+        duration = getattr(spec, name)
+        if duration.seconds < 0 or duration.nanos < 0:
+            found.append(FieldViolation(f"{field}.{name}", "must not be negative."))
+        elif duration.seconds > _MAX_DURATION_SECONDS or duration.nanos >= 10**9:
+            found.append(
+                FieldViolation(
+                    f"{field}.{name}",
+                    "must be a valid duration: at most 10,000 years, nanos below 10⁹.",
+                )
+            )
     behavior = rule_pb2.BehaviorCondition(
         event_name=spec.event_name,
         filters=spec.filters,
@@ -143,10 +165,16 @@ class ProfileServicer(profile_service_pb2_grpc.ProfileServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> profile_service_pb2.ListProfileEventsResponse:
         dataset, profile_id = _profile(request.parent, "parent")
-        start = (
-            micros_from_timestamp(request.start_time) if request.HasField("start_time") else None
-        )
-        end = micros_from_timestamp(request.end_time) if request.HasField("end_time") else None
+        if request.event_name and not _EVENT_NAME.fullmatch(request.event_name):
+            raise _bad(
+                "event_name",
+                "must be an event name: 1–128 letters, digits, '_', '.', ':' and '-'.",
+            )
+        start = end = None
+        if request.HasField("start_time"):
+            start = _instant(request.start_time, "start_time")
+        if request.HasField("end_time"):
+            end = _instant(request.end_time, "end_time")
         if start is not None and end is not None and end <= start:
             raise _bad("end_time", "must be after start_time.")
         events, token = await self.operations.events(

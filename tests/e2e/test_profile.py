@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 from click.testing import CliRunner, Result
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from audience.cli.main import cli
 from audience.errors import decode
@@ -479,6 +480,54 @@ async def test_bad_input_is_invalid_argument_naming_the_field(start_suite: Start
         }
         for field, call in cases.items():
             assert field in await _invalid(call), field
+        # Durations a Duration cannot be: the aggregate's id is a hash of its JSON.
+        for name, duration in (
+            ("bucket_width", duration_pb2.Duration(nanos=1_000_000_000)),
+            ("retention", duration_pb2.Duration(seconds=315_576_000_001)),
+        ):
+            spec = count_spec("page_view")
+            getattr(spec, name).CopyFrom(duration)
+            registered = p.RegisterAggregates(
+                profile_service_pb2.RegisterAggregatesRequest(parent=s.parent, aggregates=[spec])
+            )
+            assert await _invalid(registered) == [f"aggregates[0].{name}"]
+
+
+async def test_event_filters_no_stored_event_could_match_are_invalid_argument(
+    start_suite: StartSuite,
+) -> None:
+    """A name no event may have (NUL, which PostgreSQL cannot even compare, or a space) and
+    times outside a Timestamp's range are refused, not sent to the store."""
+    async with suite(start_suite) as s:
+        await s.send(event(user="u3", name="signup", at=T0))
+        await s.until("u3", 1)
+
+        async def listed(**filters: object) -> profile_service_pb2.ListProfileEventsResponse:
+            response: profile_service_pb2.ListProfileEventsResponse = (
+                await s.profiles.ListProfileEvents(
+                    profile_service_pb2.ListProfileEventsRequest(parent=s.name("u3"), **filters),  # type: ignore[arg-type]
+                    timeout=10,
+                )
+            )
+            return response
+
+        first, last = -62_135_596_800, 253_402_300_799  # 0001-01-01, 9999-12-31T23:59:59
+        refused: list[tuple[str, dict[str, object]]] = [
+            ("event_name", {"event_name": "\x00"}),
+            ("event_name", {"event_name": "sign up"}),
+            ("start_time", {"start_time": timestamp_pb2.Timestamp(seconds=first - 1)}),
+            ("end_time", {"end_time": timestamp_pb2.Timestamp(seconds=last + 1)}),
+            ("end_time", {"end_time": timestamp_pb2.Timestamp(seconds=2**63 - 1)}),
+            ("start_time", {"start_time": timestamp_pb2.Timestamp(seconds=0, nanos=-1)}),
+        ]
+        for field, filters in refused:
+            assert await _invalid(listed(**filters)) == [field], filters
+        widest = await listed(
+            event_name="signup",
+            start_time=timestamp_pb2.Timestamp(seconds=first),
+            end_time=timestamp_pb2.Timestamp(seconds=last, nanos=999_999_999),
+        )
+        assert len(widest.events) == 1
 
 
 async def _cli(suite: RunningSuite, dataset: str, *args: str, input: str | None = None) -> Result:

@@ -46,7 +46,9 @@ def validate_time_zone(name: str, field: str = "time_zone") -> str:
         return "UTC"
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    # A name the database lacks, one outside it, or one the file system cannot open (a
+    # folder of zones such as "America", a name too long for a file).
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         description = f"an IANA time zone such as Europe/Paris; got {name!r}"
         raise invalid_argument(
             f"{field}: {description}", FieldViolation(field, description)

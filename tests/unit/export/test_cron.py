@@ -85,3 +85,9 @@ def test_unknown_time_zones_are_refused() -> None:
         validate_time_zone("Mars/Olympus")
     with pytest.raises(AudienceError, match="IANA time zone"):
         validate_time_zone("../etc/passwd")
+
+
+@pytest.mark.parametrize("name", ["America", "a" * 300])
+def test_names_the_file_system_cannot_open_as_a_zone_are_refused(name: str) -> None:
+    with pytest.raises(AudienceError, match="IANA time zone"):
+        validate_time_zone(name)

@@ -765,6 +765,17 @@ def _refusing(behavior: Behavior, refusal: AudienceError) -> Behavior:
     return refuse
 
 
+def _unread(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """The deserializer of a refused call: its request is never parsed, so a caller
+    without the right key learns nothing of it (not even that it is malformed) and costs
+    no parsing."""
+    return _ignored
+
+
+def _ignored(data: bytes) -> None:
+    return None
+
+
 def _checking(behavior: Behavior, streaming_requests: bool, check: _Check) -> Behavior:
     if inspect.isasyncgenfunction(behavior):
 
@@ -869,7 +880,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         except AudienceError as error:
             unauthenticated = error
             _log.debug("Refused %s: %s", method, unauthenticated.reason)
-            return wrap_handler(handler, lambda behavior: _refusing(behavior, unauthenticated))
+            return wrap_handler(
+                handler,
+                lambda behavior: _refusing(behavior, unauthenticated),
+                wrap_deserializer=_unread,
+            )
         scope = self._scopes.get(method)
         refusal = None
         if scope is None:
@@ -883,7 +898,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         if refusal is not None:
             _log.info("Refused %s to key %s: %s", method, key.name, refusal.reason)
-            return wrap_handler(handler, lambda behavior: _refusing(behavior, refusal))
+            return wrap_handler(
+                handler, lambda behavior: _refusing(behavior, refusal), wrap_deserializer=_unread
+            )
         if key.datasets is None:
             return handler
         streaming = bool(handler.request_streaming)

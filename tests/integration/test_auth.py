@@ -109,6 +109,26 @@ async def test_a_unary_call_without_a_valid_key_or_scope_is_refused_before_the_h
     assert seen.requests == []
 
 
+@pytest.mark.parametrize(
+    ("api_key", "code"),
+    [(None, grpc.StatusCode.UNAUTHENTICATED), (SHOP_READER, grpc.StatusCode.PERMISSION_DENIED)],
+)
+async def test_a_refused_call_is_refused_without_its_request_being_read(
+    address: str, api_key: str | None, code: grpc.StatusCode
+) -> None:
+    """Not INVALID_ARGUMENT for bytes that do not parse: the request of a call refused for
+    its key is never parsed."""
+    not_a_request = b"\x12\xff\xff\xff\xff\x0f"  # field 2, a length past the end
+    async with _channel(address, api_key) as channel:
+        call = channel.unary_unary(
+            "/audience.v1.IngestService/SendEvent",
+            request_serializer=bytes,
+            response_deserializer=ingest_service_pb2.SendEventResponse.FromString,
+        )(not_a_request, timeout=5)
+        refused = await _refusal(call)
+    assert refused.code == code
+
+
 async def test_a_malformed_authorization_header_is_an_invalid_key(address: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = ingest_service_pb2_grpc.IngestServiceStub(channel)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 __all__ = [
+    "SERVER_GONE",
     "Migration",
     "MigrationError",
     "create_pool",
@@ -30,6 +31,21 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+SERVER_GONE: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,
+)
+"""What asyncpg raises, besides ``OSError``, while PostgreSQL is out of reach: a connection
+that failed or was lost (SQLSTATE class 08); a server shutting down, crashed or starting
+(57P01-57P03); no connection slot left; and ``InternalClientError`` ("cannot switch to
+state 11; another operation (2) is in progress"), raised instead of a closed connection
+when the server's goodbye to an idle session is read before its socket closes. The pool
+replaces such a connection; the next attempt gets a new one."""
 
 _MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<description>[a-z0-9][a-z0-9_]*)\.sql$")
 # Lower-case only, so the quoted and the unquoted spelling name the same schema.

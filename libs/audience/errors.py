@@ -13,6 +13,11 @@ request that does not parse (bad UTF-8, nesting past protobuf's 100 levels, a br
 format) is ``INVALID_ARGUMENT`` with the reason ``MALFORMED_REQUEST``, naming the field
 that failed when one can be told.
 
+A call that fails because PostgreSQL or Redis is out of reach (a lost or refused
+connection, a server shutting down, starting or recovering) is ``UNAVAILABLE`` with the
+reason ``BACKEND_UNAVAILABLE`` and a ``RetryInfo``, not ``INTERNAL``: the same call succeeds
+once the server is back, and clients retry ``UNAVAILABLE`` only.
+
 Handlers are ``async def`` functions, or ``async def`` generators for streamed responses.
 """
 
@@ -34,6 +39,9 @@ from google.protobuf import any_pb2, descriptor, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_status import rpc_status
+from redis import exceptions as redis_exceptions
+
+from audience.db import SERVER_GONE
 
 __all__ = [
     "DOMAIN",
@@ -323,9 +331,41 @@ async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -
     raise AssertionError("context.abort returned")
 
 
+# What a connection to PostgreSQL or Redis raises while the server is out of reach or not
+# taking work (a query the server cancelled, SQLSTATE 57014, is not among them).
+_OUTAGES: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    *SERVER_GONE,
+    redis_exceptions.ConnectionError,
+    redis_exceptions.TimeoutError,
+)
+_OUTAGE_RETRY = timedelta(seconds=1)
+
+
+def _outage(error: BaseException) -> BaseException | None:
+    """The connection failure that ``error`` is, or was raised from."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, _OUTAGES):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 async def _abort_for(context: grpc.aio.ServicerContext, method: str, error: Exception) -> NoReturn:
     if isinstance(error, AudienceError):
         await _abort(context, error.to_status())
+    outage = _outage(error)
+    if outage is not None:
+        _log.warning("%s failed: a backend is out of reach: %r", method, outage)
+        await _abort(
+            context,
+            unavailable(
+                "A server this service depends on is out of reach; retry.",
+                _OUTAGE_RETRY,
+                reason="BACKEND_UNAVAILABLE",
+            ).to_status(),
+        )
     # The client sees a fixed message: exception text may hold data or internals.
     _log.error("Unhandled exception in %s", method, exc_info=error)
     await _abort(context, internal().to_status())

@@ -10,6 +10,7 @@ import asyncpg
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from audience.db import SERVER_GONE
 from audience.streams import Bus, Consumer, Delivery, run_to_end
 from audience.telemetry import consumer_span
 from services.ingest.failed import FAILED_EVENTS_TOPIC, FailedEvents
@@ -44,7 +45,13 @@ async def consume_failed_events(
                 deliveries = await consumer.read()
                 if deliveries:
                     await run_to_end(_store(consumer, deliveries, failed, spans))
-        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except (
+            RedisError,
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            *SERVER_GONE,
+        ) as error:
             _log.warning("consuming failed events failed; retrying: %s", error)
             # A new consumer re-reads its pending deliveries first.
             await asyncio.sleep(_RETRY_DELAY)

@@ -255,10 +255,20 @@ class Applier:
         result.duplicates += len(new) - result.applied
         if await store.link(conn, resolution.links):
             raise RetryError("an identity was linked to another profile meanwhile")
+        # A redelivered event that merged two profiles merges nothing now (its source is
+        # gone): the merge's MERGED change may be the publish that was lost.
+        remerged = await store.merges_caused_by(
+            conn,
+            [
+                (row.dataset, row.event_id)
+                for row, is_new in zip(rows, new, strict=True)
+                if not is_new
+            ],
+        )
 
         outcome = apply_users(events, new, resolution, states, indexes, self.settings, now)
 
-        commit = await self.settle(conn, outcome, states, now, result.changes)
+        commit = await self.settle(conn, outcome, states, now, result.changes, remerged)
         return result, commit
 
     async def settle(
@@ -268,11 +278,13 @@ class Applier:
         states: dict[ProfileKey, ProfileState],
         now: int,
         changes: list[Published],
+        remerged: Sequence[tuple[ProfileKey, ProfileKey, int]] = (),
     ) -> Callable[[], None]:
         """Finishes a unit whose profiles are changed: raises the sequences, writes the
         users, rolls them up into their accounts (locked last) and writes those. Returns
         what to do once the transaction has committed: encode the changes to publish into
-        ``changes`` and put the states back in the cache.
+        ``changes`` (with the MERGED changes of ``remerged``, merges made earlier: source,
+        target and sequence) and put the states back in the cache.
 
         Merged-away profiles are deleted here; erased ones must be deleted already.
         """
@@ -284,7 +296,13 @@ class Applier:
         await store.record_merges(
             conn,
             [
-                (merge.source, merge.target, merge.reason, datetime_from_micros(merge.time))
+                (
+                    merge.source,
+                    merge.target,
+                    merge.reason,
+                    datetime_from_micros(merge.time),
+                    states[merge.source].sequence,
+                )
                 for merge in outcome.merges
             ],
         )
@@ -308,7 +326,11 @@ class Applier:
         )
 
         def commit() -> None:
-            # Encoding waits for the commit: the row locks are not held for it.
+            # Encoding waits for the commit: the row locks are not held for it. The change
+            # time is read now, after the commit, not at the unit's start: the segment
+            # engine takes a view dated after a backfill's query began as newer than the
+            # query's answer, which holds only for changes committed by their date.
+            committed = self.now()
             for key, touch in outcome.touches.items():
                 state = states[key]
                 target = outcome.merged.get(key)
@@ -329,10 +351,26 @@ class Applier:
                     event_ids=touch.event_ids,
                     keys=touch.keys if view is not None else (),
                     view=view,
-                    change_time=now,
+                    change_time=committed,
                     merged_into=target[1] if target is not None else "",
                 )
                 changes.append(Published(subject_key(key[0], USER, key[1]), change))
+            for source, target, sequence in remerged:
+                if source in outcome.touches:
+                    continue
+                change = encode_change(
+                    dataset=source[0],
+                    kind=USER,
+                    subject_id=source[1],
+                    sequence=sequence,
+                    change_type=ChangeType.MERGED,
+                    event_ids=(),
+                    keys=(),
+                    view=None,
+                    change_time=committed,
+                    merged_into=target[1],
+                )
+                changes.append(Published(subject_key(source[0], USER, source[1]), change))
             for account_key, account_touch in account_touches.items():
                 account = accounts[account_key]
                 change = encode_change(
@@ -344,7 +382,7 @@ class Applier:
                     event_ids=account_touch.event_ids,
                     keys=account_touch.keys,
                     view=account_view(account),
-                    change_time=now,
+                    change_time=committed,
                 )
                 key_of = subject_key(account_key[0], ACCOUNT, account_key[1])
                 changes.append(Published(key_of, change))

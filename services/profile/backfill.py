@@ -130,18 +130,21 @@ class Backfiller:
                     changed.append(state)
             await self.store.write_profiles(conn, changed)
             await self.registry.advance(conn, dataset, ids[-1], len(ids))
-            for state in changed:
-                change = encode_change(
-                    dataset=dataset,
-                    kind=USER,
-                    subject_id=state.profile_id,
-                    sequence=state.sequence,
-                    change_type=ChangeType.UPDATED,
-                    event_ids=(),
-                    keys=("aggregates",),
-                    view=profile_view(state),
-                    change_time=now,
-                )
-                published.append(Published(subject_key(dataset, USER, state.profile_id), change))
+        # Dated after the commit, as the applier dates its changes (the segment engine's
+        # backfills compare the date with the instant their query began).
+        committed = int(self._clock() * 1_000_000)
+        for state in changed:
+            change = encode_change(
+                dataset=dataset,
+                kind=USER,
+                subject_id=state.profile_id,
+                sequence=state.sequence,
+                change_type=ChangeType.UPDATED,
+                event_ids=(),
+                keys=("aggregates",),
+                view=profile_view(state),
+                change_time=committed,
+            )
+            published.append(Published(subject_key(dataset, USER, state.profile_id), change))
         await self.publisher.changes(published)
         return True

@@ -75,7 +75,7 @@ def is_infrastructure(error: BaseException) -> bool:
     """Whether an error is the infrastructure's (retry later) rather than the event's."""
     if isinstance(error, OSError | TimeoutError | RedisError | ContentionError):
         return True
-    if isinstance(error, asyncpg.InterfaceError):
+    if isinstance(error, asyncpg.InterfaceError | asyncpg.InternalClientError):
         return True
     if isinstance(error, asyncpg.PostgresError):
         state = getattr(error, "sqlstate", None) or ""

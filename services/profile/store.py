@@ -407,15 +407,16 @@ class ProfileStore:
     async def record_merges(
         self,
         conn: asyncpg.Connection,
-        merges: Sequence[tuple[ProfileKey, ProfileKey, str, datetime]],
+        merges: Sequence[tuple[ProfileKey, ProfileKey, str, datetime, int]],
     ) -> None:
         """Moves sources' identities and history to their targets, deletes the sources (and
-        their buckets), and records the merges."""
+        their buckets), and records the merges (reason, time and the sequence of the
+        source's MERGED change)."""
         if not merges:
             return
-        datasets = [source[0] for source, _, _, _ in merges]
-        sources = [source[1] for source, _, _, _ in merges]
-        targets = [target[1] for _, target, _, _ in merges]
+        datasets = [source[0] for source, *_ in merges]
+        sources = [source[1] for source, *_ in merges]
+        targets = [target[1] for _, target, *_ in merges]
         await conn.execute(
             f"UPDATE {S}.identities i SET profile_id = m.target"
             " FROM unnest($1::text[], $2::text[], $3::text[]) AS m(dataset, source, target)"
@@ -439,15 +440,36 @@ class ProfileStore:
             sources,
         )
         await conn.execute(
-            f"INSERT INTO {S}.merges (dataset, source, target, reason, merge_time)"
+            f"INSERT INTO {S}.merges (dataset, source, target, reason, merge_time, sequence)"
             " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
-            " $5::timestamptz[]) ON CONFLICT DO NOTHING",
+            " $5::timestamptz[], $6::int8[]) ON CONFLICT DO NOTHING",
             datasets,
             sources,
             targets,
-            [reason for _, _, reason, _ in merges],
-            [moment for _, _, _, moment in merges],
+            [reason for _, _, reason, _, _ in merges],
+            [moment for _, _, _, moment, _ in merges],
+            [sequence for *_, sequence in merges],
         )
+
+    async def merges_caused_by(
+        self, conn: asyncpg.Connection, events: Sequence[tuple[str, str]]
+    ) -> list[tuple[ProfileKey, ProfileKey, int]]:
+        """The merges that the events ``(dataset, event id)`` caused: source, target and
+        the sequence of the source's MERGED change."""
+        if not events:
+            return []
+        rows = await conn.fetch(
+            f"SELECT m.dataset, m.source, m.target, m.sequence FROM {S}.merges m"
+            " JOIN unnest($1::text[], $2::text[]) AS e(dataset, event_id)"
+            " ON m.dataset = e.dataset AND m.reason = e.event_id"
+            " WHERE m.sequence IS NOT NULL",
+            [dataset for dataset, _ in events],
+            [event_id for _, event_id in events],
+        )
+        return [
+            ((row["dataset"], row["source"]), (row["dataset"], row["target"]), row["sequence"])
+            for row in rows
+        ]
 
     async def write_profiles(
         self, conn: asyncpg.Connection, states: Sequence[ProfileState]

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from audience.bus.v1 import profile_change_pb2
+from audience.db import SERVER_GONE
 from audience.streams import Bus, Consumer, Delivery, run_to_end
 from audience.telemetry import consumer_span
 from services.segment_engine.processor import Processor
@@ -88,7 +89,7 @@ class ProfileChangeConsumer:
                 if deliveries:
                     await run_to_end(self._apply_and_ack(consumer, deliveries))
                 backoff = 0.1
-            except (OSError, RedisError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+            except (OSError, RedisError, asyncpg.InterfaceError, *SERVER_GONE):
                 _log.warning("profile changes: infrastructure failure; retrying", exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)

@@ -245,6 +245,11 @@ class _Unit:
             cause = Cause.EVENT
             fresh = row.erased or row.view is None
             missed = row.sequence > 0 and change.sequence != row.sequence + 1
+            # The profile service republishes a subject's view at the same sequence, with
+            # no events and no keys, when a redelivered unit changed nothing (ADR 9). One
+            # that reaches here has a sequence not seen yet: the publish it repeats was lost
+            # with the keys it carried, so no key can narrow the evaluation.
+            republished = not change.event_ids and not change.changed_keys
             before = Before(
                 None if fresh else loaded.current_view,
                 self.now,
@@ -262,7 +267,7 @@ class _Unit:
                 now=self.now,
                 cause=cause,
                 event_ids=event_ids,
-                keys=None if fresh or missed else change.changed_keys,
+                keys=None if fresh or missed or republished else change.changed_keys,
                 before=before,
             )
             row.view = view.SerializeToString()

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import grpc
 import grpc.aio
 import pytest
+from redis.asyncio import Redis
 
 from audience import errors
 from audience.errors import AudienceError, DecodedError, FieldViolation
@@ -443,3 +450,182 @@ async def test_a_malformed_message_in_a_request_stream_fails_the_call_even_if_sw
     decoded = errors.decode(caught.value)
     assert (decoded.code, decoded.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
     assert [v.field for v in decoded.violations] == ["segment"]
+
+
+# --- a backend out of reach ------------------------------------------------------------------
+
+BACKENDS = "audience.test.Backends"
+
+OUT_OF_REACH = DecodedError(
+    code=grpc.StatusCode.UNAVAILABLE,
+    message="A server this service depends on is out of reach; retry.",
+    reason="BACKEND_UNAVAILABLE",
+    domain="audience.dev",
+    retry_delay=timedelta(seconds=1),
+)
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def _holding_the_close(port: int) -> AsyncIterator[int]:
+    """A proxy to ``port`` that passes the server's bytes on but not the end of its socket:
+    the client reads the server's goodbye to a session before the connection closes, as it
+    may over any network. Yields the proxy's port."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.extend((writer, upstream_writer))
+        with contextlib.suppress(OSError):
+            await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.transport.abort()
+        await server.wait_closed()
+
+
+async def _end_session(admin: asyncpg.Connection, pid: int) -> None:
+    """Has the server end a session, and waits until the session is gone."""
+    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    deadline = time.monotonic() + 10
+    while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+        assert time.monotonic() < deadline, f"session {pid} outlived its termination"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+async def backend_channel(postgres_dsn: str, redis_url: str) -> AsyncIterator[grpc.aio.Channel]:
+    """A server whose handlers use PostgreSQL and Redis as the services do, and meet what
+    the services meet when a server is down, restarting or drops its connections."""
+    nowhere = _unused_port()
+    server_address = urlsplit(postgres_dsn)
+    assert server_address.port is not None
+    closing = contextlib.AsyncExitStack()
+    held = await closing.enter_async_context(_holding_the_close(server_address.port))
+    held_dsn = server_address._replace(
+        netloc=server_address.netloc.replace(f":{server_address.port}", f":{held}")
+    ).geturl()
+    admin = await asyncpg.connect(postgres_dsn)
+    closing.push_async_callback(admin.close)
+
+    async def postgres_refused(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{nowhere}/postgres")
+        conn.terminate()
+        return b""
+
+    async def postgres_session_ended(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            # The server ends the session mid-statement, as a shutdown or a crash does.
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        finally:
+            conn.terminate()
+        return b""
+
+    async def postgres_goodbye_read_first(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        conn = await asyncpg.connect(held_dsn)
+        try:
+            await _end_session(admin, conn.get_server_pid())
+            # asyncpg read the goodbye but saw no close: InternalClientError, "cannot switch
+            # to state 11; another operation (2) is in progress".
+            await conn.fetchval("SELECT 1")
+        finally:
+            conn.terminate()
+        return b""
+
+    async def postgres_query_fails(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.fetchval("SELECT 1 / 0")
+        finally:
+            conn.terminate()
+        return b""
+
+    async def redis_refused(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        client = Redis(host="127.0.0.1", port=nowhere)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+        return b""
+
+    async def stream_then_postgres_refused(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        yield b"first"
+        await postgres_refused(request, context)
+
+    server = grpc.aio.server(interceptors=[errors.ErrorInterceptor()])
+    server.add_registered_method_handlers(
+        BACKENDS,
+        {
+            "PostgresRefused": grpc.unary_unary_rpc_method_handler(postgres_refused),
+            "PostgresSessionEnded": grpc.unary_unary_rpc_method_handler(postgres_session_ended),
+            "PostgresGoodbyeReadFirst": grpc.unary_unary_rpc_method_handler(
+                postgres_goodbye_read_first
+            ),
+            "PostgresQueryFails": grpc.unary_unary_rpc_method_handler(postgres_query_fails),
+            "RedisRefused": grpc.unary_unary_rpc_method_handler(redis_refused),
+            "StreamThenPostgresRefused": grpc.unary_stream_rpc_method_handler(
+                stream_then_postgres_refused
+            ),
+        },
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with closing, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
+        await server.stop(None)
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["PostgresRefused", "PostgresSessionEnded", "PostgresGoodbyeReadFirst", "RedisRefused"],
+)
+async def test_a_backend_out_of_reach_is_unavailable_with_a_retry_delay_not_internal(
+    backend_channel: grpc.aio.Channel, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="audience.errors"):
+        decoded = await _unary_error(backend_channel, f"/{BACKENDS}/{method}", b"")
+
+    assert decoded == OUT_OF_REACH
+    assert [r.levelno for r in caplog.records if r.name == "audience.errors"] == [logging.WARNING]
+
+
+async def test_a_stream_whose_backend_goes_out_of_reach_ends_unavailable(
+    backend_channel: grpc.aio.Channel,
+) -> None:
+    call = backend_channel.unary_stream(f"/{BACKENDS}/StreamThenPostgresRefused")(b"", timeout=10)
+    received: list[bytes] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _collect(call, received)
+
+    assert received == [b"first"]
+    assert errors.decode(caught.value) == OUT_OF_REACH
+
+
+async def test_a_failing_query_on_a_live_backend_stays_internal(
+    backend_channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="audience.errors"):
+        decoded = await _unary_error(backend_channel, f"/{BACKENDS}/PostgresQueryFails", b"")
+
+    assert decoded == EXPECTED["internal"]

@@ -18,6 +18,7 @@ from audience import db
 from audience.bus.v1 import events_pb2, profile_change_pb2
 from audience.channels import Channels, ChannelSettings
 from audience.config import CommonConfig
+from audience.rules import micros_from_timestamp
 from audience.rules.aggregates import HOUR as HOUR_MICROS
 from audience.rules.aggregates import aggregate_id, canonical_spec
 from audience.streams import Bus, Consumer
@@ -31,6 +32,7 @@ from services.profile.consumer import (
     EventWorker,
     Publisher,
     declare_topics,
+    is_infrastructure,
 )
 from services.profile.domain.apply import Settings
 from services.profile.memberships import Memberships
@@ -259,9 +261,58 @@ async def test_a_redelivered_batch_changes_nothing(rig: Rig) -> None:
     assert (row["event_count"], row["page_view_count"], row["sequence"]) == (5, 5, 1)
     assert (await rig.buckets(dataset, "u1"))[count_id][0] == 5
     published = await rig.published()
-    # The second delivery republishes the current view, at the same sequence.
+    # The second delivery republishes the current view, at the same sequence, naming no
+    # event and no key: the segment engine evaluates it in full if the first was lost.
     assert [c.sequence for c in published] == [1, 1]
     assert list(published[1].event_ids) == []
+    assert list(published[1].changed_keys) == []
+
+
+async def test_a_change_is_dated_after_its_commit_not_when_its_unit_began(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A segment backfill takes a view dated before its query began as seen by the query; a
+    # unit that began before the query and committed after it would have its event left
+    # out of the backfill's answer and kept out by its date (found by tests/faults).
+    dataset = new_dataset()
+    began = T0 + timedelta(minutes=1)
+    now = [began]
+    store = ProfileStore(rig.pool)
+    applier = Applier(store, SESSION, cache_size=1000, clock=lambda: now[0].timestamp())
+    worker = EventWorker.for_partitions(
+        applier,
+        Publisher(rig.bus),
+        name="dated",
+        partitions=range(PARTITIONS),
+        read_count=10,
+        unit_events=1000,
+        claim_idle=60.0,
+        block=0.05,
+    )
+    write_profiles = store.write_profiles
+
+    async def slow_write(*args: Any, **kwargs: Any) -> None:
+        await write_profiles(*args, **kwargs)
+        # Time passes while the unit's transaction is still open.
+        now[0] = began + timedelta(seconds=5)
+
+    monkeypatch.setattr(store, "write_profiles", slow_write)
+    await rig.send(dataset, event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0))
+    await rig.run(worker)
+
+    (change,) = await rig.published()
+    assert micros_from_timestamp(change.change_time) == micros(began + timedelta(seconds=5))
+
+
+def test_a_session_the_server_ended_is_the_infrastructure_not_the_event() -> None:
+    # What asyncpg raises, instead of a closed connection, when it reads the goodbye of a
+    # restarting PostgreSQL before the socket closes: the unit is retried as it is, its
+    # events never set aside as poison (found by tests/faults).
+    error = asyncpg.InternalClientError(
+        "cannot switch to state 11; another operation (2) is in progress"
+    )
+
+    assert is_infrastructure(error)
 
 
 async def _kill_during(
@@ -331,6 +382,45 @@ async def test_a_batch_redelivered_after_a_consumer_is_killed_leaves_counts_exac
     assert await rig.buckets(dataset, "u1") == {pages: (2, 0.0), revenue: (1, 30.0)}
     assert await rig.count("events", dataset) == 4
     assert await rig.bus.backlog(EVENTS, "profile") == 0
+
+
+async def test_a_merge_whose_publish_was_lost_is_published_again_by_the_redelivery(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redelivered, the identify that merged the visitor merges nothing (the visitor's row is
+    # gone): without its MERGED change the segment engine would keep the visitor in its
+    # segments for good (found by tests/faults).
+    dataset = new_dataset()
+    await rig.send(dataset, event(anon="a7", kind=E.EVENT_TYPE_PAGE, at=T0))
+    await rig.run()
+    [visited] = await rig.published()
+    doomed = rig.new_worker("doomed", claim_idle=0.2)
+    reached = asyncio.Event()
+
+    async def lost(published: Any) -> None:
+        reached.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(doomed.publisher, "changes", lost)
+    await rig.send(
+        dataset,
+        event(user="u7", anon="a7", kind=E.EVENT_TYPE_IDENTIFY, at=T0 + timedelta(minutes=1)),
+    )
+    task = asyncio.create_task(doomed.handle(await doomed.consumer.read()))
+    await asyncio.wait_for(reached.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await rig.profile(dataset, "a7") is None
+    rescuer = rig.new_worker("rescuer", claim_idle=0.2)
+    await asyncio.sleep(0.3)
+    await rig.run(rescuer)
+
+    published = {change.profile_id: change for change in await rig.published()}
+    merged = published["a7"]
+    assert (merged.type, merged.merged_into) == (MERGED, "u7")
+    assert merged.sequence == visited.sequence + 1
+    assert published["u7"].type == UPDATED
 
 
 async def test_an_anonymous_visitor_merges_into_the_known_user(rig: Rig) -> None:

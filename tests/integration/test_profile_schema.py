@@ -125,7 +125,11 @@ async def test_buckets_of_the_first_schema_move_into_the_aggregates_document(
                 ],
             )
             applied = await db.migrate(connection, schema="profile", migrations=Path(folder))
-            assert applied == ["0002_aggregates_document.sql", "0003_aggregates_lz4.sql"]
+            assert applied == [
+                "0002_aggregates_document.sql",
+                "0003_aggregates_lz4.sql",
+                "0004_merge_sequences.sql",
+            ]
             rows = {
                 row["profile_id"]: row
                 for row in await connection.fetch(

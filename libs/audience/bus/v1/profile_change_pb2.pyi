@@ -122,7 +122,10 @@ class ProfileChange(_message.Message):
         `session` when the current visit changed; `context` when the last place, weather or
         device changed; `lifetime` when lifetime value or order count changed; `seen` when
         first or last seen changed; `account` when the user's account changed;
-        `aggregates` when aggregates were re-registered or backfilled.
+        `aggregates` when aggregates were re-registered or backfilled. A change with no
+        `event_ids` and no keys repeats the subject's view at the same sequence (a redelivered
+        batch changed nothing); a consumer that has not seen that sequence evaluates it whole,
+        since the keys of the publish it repeats were lost with it.
         """
 
     @_builtins.property
@@ -131,7 +134,10 @@ class ProfileChange(_message.Message):
 
     @_builtins.property
     def change_time(self) -> _timestamp_pb2.Timestamp:
-        """When the change was applied."""
+        """When the change was applied, read after it committed: whoever reads the profile
+        service's tables after this instant sees the change (the segment engine's backfills
+        rely on it).
+        """
 
     def __init__(
         self,

@@ -547,7 +547,9 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
         Response = membership_service_pb2.WatchMembershipChangesResponse  # noqa: N806
         streaming = trace.get_current_span().get_span_context()
         links = [trace.Link(streaming)] if streaming.is_valid else []
-        self._subscribers.add(1)
+        # Per dataset: which tenant holds streams open is what an operator asks of it.
+        subscriber = {"audience.dataset": dataset}
+        self._subscribers.add(1, subscriber)
         try:
             async for item in stream:
                 if isinstance(item, Heartbeat):
@@ -578,7 +580,7 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
                 finally:
                     span.end()
         finally:
-            self._subscribers.add(-1)
+            self._subscribers.add(-1, subscriber)
 
 
 def _member_responses(

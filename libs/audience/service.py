@@ -13,7 +13,8 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 
@@ -29,8 +30,10 @@ from audience.streams import Bus
 from audience.telemetry import Telemetry, configure_logging, setup_telemetry
 
 __all__ = [
+    "Hosted",
     "Resources",
     "ServiceDefinition",
+    "hosted",
     "migrate",
     "run_alone",
     "serve",
@@ -148,6 +151,57 @@ def tune_garbage_collection() -> None:
     gc.freeze()
 
 
+@dataclass(frozen=True)
+class Hosted:
+    """Services built and serving: their host and the resources they share."""
+
+    host: Host
+    resources: Resources
+
+
+@asynccontextmanager
+async def hosted(
+    definitions: Sequence[ServiceDefinition],
+    common: CommonConfig,
+    environ: Mapping[str, str],
+    *,
+    postgres_dsn: str,
+    redis_url: str,
+    security: Security,
+    telemetry: Telemetry,
+    pool_size: int,
+) -> AsyncIterator[Hosted]:
+    """Opens the resources, migrates, builds the services and serves them until the block
+    ends; then stops the host (gracefully, once) and closes the resources."""
+    resources = await Resources.open(
+        common,
+        environ,
+        postgres_dsn=postgres_dsn,
+        redis_url=redis_url,
+        telemetry=telemetry,
+        pool_size=pool_size,
+        channels=security.channels,
+    )
+    try:
+        await migrate(resources.postgres, definitions)
+        units = [await definition.build(resources) for definition in definitions]
+        services = [name for unit in units for name in unit.service_names]
+        host = Host(
+            units,
+            common,
+            telemetry=telemetry,
+            interceptors=security.server_interceptors(services),
+            credentials=security.server_credentials(),
+        )
+        await host.start()
+        try:
+            yield Hosted(host, resources)
+        finally:
+            await host.stop()
+    finally:
+        await resources.close()
+
+
 async def serve(
     definitions: Sequence[ServiceDefinition],
     common: CommonConfig,
@@ -177,32 +231,19 @@ async def serve(
         label = "audience" if len(definitions) > 1 else definitions[0].name
         telemetry = setup_telemetry(label, common.otel, common.otel_endpoint)
     try:
-        resources = await Resources.open(
+        async with hosted(
+            definitions,
             common,
             environ,
             postgres_dsn=postgres_dsn,
             redis_url=redis_url,
+            security=security,
             telemetry=telemetry,
             pool_size=8 * len(definitions),
-            channels=security.channels,
-        )
-        try:
-            await migrate(resources.postgres, definitions)
-            units = [await definition.build(resources) for definition in definitions]
-            services = [name for unit in units for name in unit.service_names]
-            host = Host(
-                units,
-                common,
-                telemetry=telemetry,
-                interceptors=security.server_interceptors(services),
-                credentials=security.server_credentials(),
-            )
-            await host.start()
+        ) as running:
             tune_garbage_collection()
-            on_started(host)
-            return await host.run_until_signal()
-        finally:
-            await resources.close()
+            on_started(running.host)
+            return await running.host.run_until_signal()
     finally:
         telemetry.shutdown()
 

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import grpc.aio
 import pytest
@@ -28,7 +27,7 @@ from audience.channels import api_key_interceptors
 from audience.config import CommonConfig
 from audience.security import Security
 from audience.server import Host
-from audience.service import Resources, ServiceDefinition, migrate
+from audience.service import Resources, ServiceDefinition, hosted
 from audience.telemetry import Telemetry
 
 SERVICE_ADDRESS_VARIABLES = (
@@ -128,33 +127,20 @@ async def run_suite(
     common = CommonConfig.from_env(settings)
     # As a service run alone reads it: keys required, the internal key among them.
     security = Security.from_env(settings, common, embedded=False)
-    resources = await Resources.open(
-        common,
-        settings,
-        postgres_dsn=postgres_dsn,
-        redis_url=redis_url,
-        telemetry=Telemetry("test", "off"),
-        pool_size=10,
-        channels=security.channels,
-    )
-    try:
-        await migrate(resources.postgres, definitions)
-        units = [await definition.build(resources) for definition in definitions]
-        services = [name for unit in units for name in unit.service_names]
-        host = Host(
-            units,
+    async with (
+        hosted(
+            definitions,
             common,
-            interceptors=security.server_interceptors(services),
-            credentials=security.server_credentials(),
-        )
-        await host.start()
-        try:
-            async with open_suite_channel(address, admin.key) as channel:
-                yield RunningSuite(host, resources, address, channel, admin.key)
-        finally:
-            await host.stop(timedelta(seconds=1))
-    finally:
-        await resources.close()
+            settings,
+            postgres_dsn=postgres_dsn,
+            redis_url=redis_url,
+            security=security,
+            telemetry=Telemetry("test", "off"),
+            pool_size=10,
+        ) as running,
+        open_suite_channel(address, admin.key) as channel,
+    ):
+        yield RunningSuite(running.host, running.resources, address, channel, admin.key)
 
 
 @pytest.fixture

@@ -21,13 +21,16 @@ import grpc.aio
 from google.protobuf import duration_pb2, field_mask_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from audience.cli.connection import connect, connection_options
 from audience.cli.names import DATASET_OPTION, dataset_name, resource_name
 from audience.errors import decode
+from audience.rules.text import format_value
 from audience.v1 import (
+    common_pb2,
     membership_pb2,
     membership_service_pb2,
     membership_service_pb2_grpc,
@@ -432,6 +435,11 @@ def stats(address: str, dataset: str, segment: str, days: int) -> None:
     Console().print(table)
 
 
+def _observed(value: common_pb2.Value) -> str:
+    """A value as the rule text writes it (``40``, ``"US"``, ``@2026-11-28T10:00:00Z``)."""
+    return format_value(value) if value.WhichOneof("kind") else "nothing"
+
+
 def _reason(change: membership_pb2.MembershipChange) -> str:
     reason = change.reason
     parts = [_CAUSES.get(reason.cause, "unknown")]
@@ -440,9 +448,7 @@ def _reason(change: membership_pb2.MembershipChange) -> str:
     if reason.dependency_segment:
         parts.append("via " + reason.dependency_segment.rsplit("/", 1)[1])
     for clause in reason.flipped_clauses:
-        observed = (
-            json_format.MessageToDict(clause.observed) if clause.HasField("observed") else None
-        )
+        observed = _observed(clause.observed) if clause.HasField("observed") else None
         parts.append(
             f"{clause.text} → {'true' if clause.result else 'false'}"
             + (f" (saw {observed})" if observed is not None else "")
@@ -541,7 +547,7 @@ def explain(address: str, dataset: str, profile: str, segment: str, account: boo
         mark = "[green]✓[/green]" if node.result else "[red]✗[/red]"
         seen = ""
         if node.HasField("observed"):
-            seen = f"  [dim]saw {json_format.MessageToDict(node.observed)}[/dim]"
+            seen = f"  [dim]saw {escape(_observed(node.observed))}[/dim]"
         console.print(f"{'  ' * depth}{mark} {node.text}{seen}")
         if node.missing and not node.children:
             console.print(f"{'  ' * depth}    [yellow]{node.missing}[/yellow]")

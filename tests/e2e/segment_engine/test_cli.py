@@ -64,6 +64,8 @@ async def test_segments_explain_and_members_from_the_command_line(
         explained = await _run(suite, dataset, "explain", "p2", "pro")
         assert "is not a member" in explained.output
         assert 'attributes.plan = "pro"' in explained.output
+        # What the clause saw, as the rule text writes a value.
+        assert 'saw "free"' in explained.output
         bad = await _run(suite, dataset, "segments", "create", "x", "--rule", "nope ==")
         assert bad.exit_code != 0
         assert "INVALID_ARGUMENT" in bad.output

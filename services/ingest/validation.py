@@ -161,7 +161,9 @@ _FIXED_HEADS = frozenset(
 # Readers of fields of many events: operator's getters run in C.
 _EVENT_ID_OF = attrgetter("event_id")
 _TYPE_OF = attrgetter("type")
-_NAMES_OF = attrgetter("name", "user_id", "anonymous_id")
+_NAME_OF = attrgetter("name")
+_USER_OF = attrgetter("user_id")
+_VISITOR_OF = attrgetter("anonymous_id")
 _HAS_TIMESTAMP = methodcaller("HasField", "timestamp")
 _HAS_SENT_AT = methodcaller("HasField", "sent_at")
 _PAYLOAD_OF = methodcaller("WhichOneof", "payload")
@@ -359,7 +361,10 @@ class Validator:
         kinds = found.types
         if kinds is None:
             kinds = list(map(_TYPE_OF, events))
-        names, users, anonymous = zip(*map(_NAMES_OF, events), strict=True)
+        # A column per field: a tuple per event, transposed, costs half as much again.
+        names = list(map(_NAME_OF, events))
+        users = list(map(_USER_OF, events))
+        anonymous = list(map(_VISITOR_OF, events))
         if min(map(len, event_ids)) == 0 or max(map(len, event_ids)) > MAX_ID_CHARS:
             suspects.update(i for i, v in enumerate(event_ids) if not 0 < len(v) <= MAX_ID_CHARS)
         for column in (users, anonymous):

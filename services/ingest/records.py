@@ -135,12 +135,14 @@ class EventFields:
 class DatasetRecords:
     """Encodes the events of one dataset as ``EventBatch`` records."""
 
-    __slots__ = ("_prefix", "_prefix_length")
+    __slots__ = ("_heads", "_prefix", "_prefix_length")
 
     def __init__(self, dataset: str) -> None:
         encoded = dataset.encode()
         self._prefix = _DATASET_TAG + varint(len(encoded)) + encoded if encoded else b""
         self._prefix_length = len(self._prefix) + 1
+        # What precedes an event of each size in its record; events' sizes are few.
+        self._heads: dict[int, bytes] = {}
 
     def record(self, event: bytes, suffix: bytes = b"", replay_count: int = 0) -> bytes:
         """Returns the record of one event.
@@ -189,26 +191,26 @@ class DatasetRecords:
             sizes = list(map(add, sizes, map(len, column)))
         if tail:
             sizes = list(map(add, sizes, repeat(len(tail))))
-        size_varints = varints(sizes)
-        inner_varints = varints(
-            list(map(add, map(add, sizes, map(len, size_varints)), repeat(self._prefix_length)))
+        heads = list(map(self._heads.get, sizes))
+        if None in heads:
+            heads = [
+                self._head(size) if head is None else head
+                for head, size in zip(heads, sizes, strict=True)
+            ]
+        return list(map(b"".join, zip(heads, events, *suffixes, repeat(tail), strict=False)))
+
+    def _head(self, size: int) -> bytes:
+        """The record's bytes before an event whose encoding, suffixes included, is
+        ``size`` bytes long: the record's tag and length, the dataset, the event's tag and
+        length."""
+        if len(self._heads) >= _SMALL:
+            self._heads.clear()
+        size_varint = varint(size)
+        inner = self._prefix_length + len(size_varint) + size
+        head = self._heads[size] = b"".join(
+            (_BATCH_EVENTS_TAG, varint(inner), self._prefix, _EVENT_TAG, size_varint)
         )
-        return list(
-            map(
-                b"".join,
-                zip(
-                    repeat(_BATCH_EVENTS_TAG),
-                    inner_varints,
-                    repeat(self._prefix),
-                    repeat(_EVENT_TAG),
-                    size_varints,
-                    events,
-                    *suffixes,
-                    repeat(tail),
-                    strict=False,
-                ),
-            )
-        )
+        return head
 
 
 def varints(values: list[int]) -> list[bytes]:

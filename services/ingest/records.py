@@ -28,7 +28,7 @@ from itertools import repeat
 from operator import add
 from typing import cast
 
-__all__ = ["DatasetRecords", "EventFields", "receipt_fields", "varint", "varints"]
+__all__ = ["DatasetRecords", "EventFields", "receipt_fields", "varint"]
 
 # Lengths below 2**14 (two varint bytes) cover every event under the 64 KiB limit but the
 # largest; a table lookup is several times faster than computing them.
@@ -211,10 +211,3 @@ class DatasetRecords:
             (_BATCH_EVENTS_TAG, varint(inner), self._prefix, _EVENT_TAG, size_varint)
         )
         return head
-
-
-def varints(values: list[int]) -> list[bytes]:
-    """Returns the varint encoding of each non-negative integer."""
-    if max(values, default=0) < _SMALL:
-        return list(map(_VARINTS.__getitem__, values))
-    return list(map(varint, values))

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import chain, repeat
-from operator import add
 from typing import Any, TypeVar, cast
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
@@ -40,7 +39,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 
 from audience.v1 import common_pb2, event_pb2
-from services.ingest.records import varints
+from services.ingest.records import varint
 
 __all__ = ["Columns", "Times", "columns", "event_encodings"]
 
@@ -195,6 +194,11 @@ _MARKERS = b"".join(
 
 _EVENT = bytes((_EVENTS_FIELD << 3 | 2,))
 
+# The tag and length of an event with its markers, by the event's size: a call's events
+# come in a few hundred sizes. Kept below this many entries.
+_MARKED_HEADS: dict[int, bytes] = {}
+_MARKED_HEADS_LIMIT = 1 << 14
+
 
 @dataclass(frozen=True, slots=True)
 class Columns:
@@ -246,10 +250,17 @@ def columns(encodings: Sequence[bytes]) -> Columns | None:
     Returns None if they do not parse (they always do when the real request did).
     """
     count = len(encodings)
-    lengths = varints(list(map(add, map(len, encodings), repeat(len(_MARKERS)))))
-    marked = b"".join(
-        chain.from_iterable(zip(repeat(_EVENT), lengths, encodings, repeat(_MARKERS), strict=False))
+    sizes = list(map(len, encodings))
+    cached = list(map(_MARKED_HEADS.get, sizes))
+    heads = (
+        [
+            _marked_head(size) if head is None else head
+            for head, size in zip(cached, sizes, strict=True)
+        ]
+        if None in cached
+        else cast("list[bytes]", cached)
     )
+    marked = b"".join(chain.from_iterable(zip(heads, encodings, repeat(_MARKERS), strict=False)))
     try:
         event = _Events.FromString(marked).events
     except DecodeError:
@@ -280,6 +291,13 @@ def columns(encodings: Sequence[bytes]) -> Columns | None:
         free_text=b"",
     )
     return replace(found, free_text=_free_text(context, order))
+
+
+def _marked_head(size: int) -> bytes:
+    if len(_MARKED_HEADS) >= _MARKED_HEADS_LIMIT:
+        _MARKED_HEADS.clear()
+    head = _MARKED_HEADS[size] = _EVENT + varint(size + len(_MARKERS))
+    return head
 
 
 def _free_text(context: Any, order: Any) -> bytes:

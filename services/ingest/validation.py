@@ -44,7 +44,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import add, attrgetter, floordiv, methodcaller, mul, sub
+from operator import add, attrgetter, floordiv, methodcaller, mod, sub
 from typing import Any
 
 from audience.v1 import common_pb2, event_pb2
@@ -660,17 +660,15 @@ class Validator:
             # received - (sent - timestamp), in seconds and nanos: small integers, and a
             # carry of -1, 0 or 1 second from the nanos.
             received_seconds, received_nanos = divmod(received_at_ns, _NS)
-            nanos = list(map(sub, map(add, stamps.nanos, repeat(received_nanos)), sent.nanos))
-            carry = list(map(floordiv, nanos, repeat(_NS)))
+            summed = list(map(sub, map(add, stamps.nanos, repeat(received_nanos)), sent.nanos))
+            nanos = list(map(mod, summed, repeat(_NS)))
             seconds = list(
                 map(
                     add,
                     map(sub, map(add, stamps.seconds, repeat(received_seconds)), sent.seconds),
-                    carry,
+                    map(floordiv, summed, repeat(_NS)),
                 )
             )
-            if any(carry):
-                nanos = list(map(sub, nanos, map(mul, carry, repeat(_NS))))
         else:
             seconds, nanos = stamps.seconds, stamps.nanos
         latest_seconds, latest_nanos = divmod(received_at_ns + _FUTURE_TOLERANCE_NS, _NS)

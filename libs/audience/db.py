@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 __all__ = [
+    "LOOP_FAILURES",
     "SERVER_GONE",
     "Migration",
     "MigrationError",
@@ -46,6 +47,15 @@ that failed or was lost (SQLSTATE class 08); a server shutting down, crashed or 
 state 11; another operation (2) is in progress"), raised instead of a closed connection
 when the server's goodbye to an idle session is read before its socket closes. The pool
 replaces such a connection; the next attempt gets a new one."""
+
+LOOP_FAILURES: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    *SERVER_GONE,
+)
+"""What a background loop's database step may raise that a later pass can get past: the
+loop logs it and tries again rather than stopping the process."""
 
 _MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<description>[a-z0-9][a-z0-9_]*)\.sql$")
 # Lower-case only, so the quoted and the unquoted spelling name the same schema.

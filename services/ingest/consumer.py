@@ -6,11 +6,10 @@ import asyncio
 import logging
 from typing import NoReturn
 
-import asyncpg
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from audience.db import SERVER_GONE
+from audience.db import LOOP_FAILURES
 from audience.streams import Bus, Consumer, Delivery, run_to_end
 from audience.telemetry import consumer_span
 from services.ingest.failed import FAILED_EVENTS_TOPIC, FailedEvents
@@ -20,6 +19,8 @@ __all__ = ["INGEST_GROUP", "consume_failed_events"]
 INGEST_GROUP = "ingest"
 
 _log = logging.getLogger(__name__)
+
+_FAILURES: tuple[type[Exception], ...] = (RedisError, *LOOP_FAILURES)
 
 # Seconds to wait after a failure before reading again; the deliveries stay pending
 # meanwhile and come back on the next read of this consumer's history.
@@ -45,13 +46,7 @@ async def consume_failed_events(
                 deliveries = await consumer.read()
                 if deliveries:
                     await run_to_end(_store(consumer, deliveries, failed, spans))
-        except (
-            RedisError,
-            OSError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            *SERVER_GONE,
-        ) as error:
+        except _FAILURES as error:
             _log.warning("consuming failed events failed; retrying: %s", error)
             # A new consumer re-reads its pending deliveries first.
             await asyncio.sleep(_RETRY_DELAY)

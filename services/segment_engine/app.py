@@ -9,10 +9,9 @@ import uuid
 from importlib.resources import files
 from typing import NoReturn
 
-import asyncpg
 import grpc.aio
 
-from audience.db import SERVER_GONE
+from audience.db import LOOP_FAILURES
 from audience.server import ServiceUnit
 from audience.service import Resources, ServiceDefinition
 from audience.streams import ConsumerLag
@@ -60,7 +59,7 @@ async def _prune(log: ChangeLog, imports: ImportStore, config: SegmentEngineConf
             if deleted:
                 _log.info("pruned %d membership changes older than the retention", deleted)
             await imports.forget_older(_STALE_IMPORT_SECONDS)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, *SERVER_GONE):
+        except LOOP_FAILURES:
             _log.warning("pruning the change log failed; will retry", exc_info=True)
         await asyncio.sleep(config.prune_interval.total_seconds())
 

@@ -26,7 +26,7 @@ from typing import NoReturn
 import asyncpg
 import grpc
 
-from audience.db import SERVER_GONE
+from audience.db import LOOP_FAILURES
 from audience.errors import AudienceError
 from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.domain.model import Cause, Kind, SegmentState
@@ -121,7 +121,7 @@ class Backfiller:
             self._wake.clear()
             try:
                 busy = await self.run_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, *SERVER_GONE):
+            except LOOP_FAILURES:
                 _log.warning("backfill worker: infrastructure failure; retrying", exc_info=True)
                 busy = False
             if not busy:

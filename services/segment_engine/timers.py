@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import asyncpg
 
-from audience.db import SERVER_GONE
+from audience.db import LOOP_FAILURES
 from services.segment_engine.processor import Committed, Processor
 from services.segment_engine.store.sql import from_micros, micros
 from services.segment_engine.store.state import Key
@@ -64,7 +64,7 @@ class TimerLoop:
         while True:
             try:
                 await self._pass()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, *SERVER_GONE):
+            except LOOP_FAILURES:
                 _log.warning("timer loop: infrastructure failure; retrying", exc_info=True)
                 await asyncio.sleep(self._interval)
 

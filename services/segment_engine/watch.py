@@ -24,7 +24,7 @@ from typing import NoReturn
 
 import asyncpg
 
-from audience.db import SERVER_GONE
+from audience.db import LOOP_FAILURES
 from audience.errors import out_of_range
 from services.segment_engine.domain.model import ChangeKind
 from services.segment_engine.domain.tokens import decode_token, encode_token
@@ -108,7 +108,7 @@ class ChangeNotifier:
                         conn.remove_termination_listener(terminated)
                         if not conn.is_closed():
                             await conn.remove_listener(NOTIFY_CHANNEL, self._received)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, *SERVER_GONE):
+            except LOOP_FAILURES:
                 _log.warning("change listener lost its connection; reconnecting", exc_info=True)
             self._all_changed()
             await asyncio.sleep(1.0)

@@ -1016,6 +1016,15 @@ class ExportStore:
             next_attempt_time,
         )
 
+    async def release_claims(self, sequences: Sequence[int]) -> None:
+        """Gives back claims on deliveries whose attempt was cut short (a replica stopping
+        mid-request), so they go out at once rather than when the claim runs out."""
+        await self._pool.execute(
+            "UPDATE export.webhook_deliveries SET claimed_until = NULL"
+            " WHERE sequence = ANY($1::bigint[]) AND state = 'pending'",
+            list(sequences),
+        )
+
     async def list_deliveries(
         self,
         dataset: str,

@@ -285,7 +285,7 @@ class Dispatcher:
 
     async def run_forever(self) -> None:
         settings = self._settings
-        in_flight: set[asyncio.Task[None]] = set()
+        in_flight: dict[asyncio.Task[None], int] = {}
         # A claim outlives the request's timeout, so a live sender never loses its claim.
         hold = settings.timeout * 2 + timedelta(seconds=10)
         try:
@@ -300,8 +300,8 @@ class Dispatcher:
                         _log.exception("Claiming webhook deliveries failed; trying again")
                 for item in claimed:
                     task = asyncio.create_task(self._send(item))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
+                    in_flight[task] = item.delivery.sequence
+                    task.add_done_callback(in_flight.pop)
                     # A finished delivery may free its member's next one.
                     task.add_done_callback(lambda _: self._wake.set())
                 if claimed and len(claimed) == free:
@@ -311,9 +311,15 @@ class Dispatcher:
                         self._wake.wait(), settings.poll_interval.total_seconds()
                     )
         finally:
-            for task in in_flight:
+            # Stopping: requests still unanswered are abandoned and their claims given back,
+            # so the next replica to start sends them again at once (at least once).
+            cut_short = list(in_flight.values())
+            for task in list(in_flight):
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
+            if cut_short:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._store.release_claims(cut_short))
 
     async def _send(self, item: ClaimedDelivery) -> None:
         delivery = item.delivery
@@ -342,8 +348,8 @@ class Dispatcher:
             next_time = finished + backoff(
                 attempts, self._settings.backoff_base, self._settings.backoff_cap, self._jitter()
             )
-        try:
-            await self._store.finish_attempt(
+        recording = asyncio.ensure_future(
+            self._store.finish_attempt(
                 delivery,
                 state=state,
                 attempt_count=attempts,
@@ -352,6 +358,16 @@ class Dispatcher:
                 now=finished,
                 next_attempt_time=next_time,
             )
+        )
+        try:
+            # The receiver has answered: a replica stopping now still records it, or the
+            # delivery would stay claimed (its member's later changes held back) and then
+            # be sent again.
+            await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await recording
+            raise
         except Exception:
             # The claim runs out and the delivery is sent again: at least once.
             _log.exception("Recording webhook delivery %s failed", delivery.delivery_id)

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
+from typing import Any
 
+import asyncpg
 import pytest
 
 from services.export.adapters.http import HttpSender
 from services.export.domain.model import ChangeKind, DeliveryState, WebhookSubscription
 from services.export.domain.webhooks import verify
-from services.export.ports import SystemClock
+from services.export.ports import SystemClock, WebhookResponse
 from services.export.store import ExportStore, NewDelivery
 from services.export.webhook_worker import Dispatcher, WebhookSettings
 from tests.integration.export.peers import HttpReceiver, eventually
@@ -169,3 +172,108 @@ async def test_a_receiver_that_does_not_answer_is_recorded_as_a_failed_attempt(
     (delivery,) = await store.list_deliveries(hook.dataset, "hook", DeliveryState.DEAD, None, 1)
     assert delivery.last_http_status == 0
     assert delivery.last_error
+
+
+class _StopAfterAnswer:
+    """Sends for real, then stops the dispatcher the moment the answer is in: before the
+    attempt is recorded, as a replica shutting down at the wrong instant would."""
+
+    def __init__(self, sender: HttpSender) -> None:
+        self.sender = sender
+        self.dispatcher: asyncio.Task[None] | None = None
+
+    async def post(self, url: str, body: str, headers: Mapping[str, str]) -> WebhookResponse:
+        response = await self.sender.post(url, body, headers)
+        assert self.dispatcher is not None
+        self.dispatcher.cancel()
+        return response
+
+
+class _SlowToRecord(ExportStore):
+    """The real store, with a database slow enough that a stop lands mid-recording."""
+
+    async def finish_attempt(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.1)
+        await super().finish_attempt(*args, **kwargs)
+
+
+async def test_an_answered_delivery_is_recorded_though_the_replica_stops_at_that_moment(
+    store: ExportStore, export_pool: asyncpg.Pool, receiver: HttpReceiver
+) -> None:
+    hook = await subscribe(store, receiver.url, max_attempts=3)
+    sender = HttpSender(SETTINGS.timeout)
+    stopping = _StopAfterAnswer(sender)
+    dispatcher = Dispatcher(_SlowToRecord(export_pool), stopping, SystemClock(), SETTINGS)
+    await store.record_changes(
+        hook, f"w-{hook.dataset}", [change("ann", 1, ChangeKind.JOIN)], "t", SystemClock().now()
+    )
+    stopping.dispatcher = asyncio.create_task(dispatcher.run_forever())
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping.dispatcher
+    await sender.close()
+
+    assert len(receiver.accepted()) == 1
+    (delivered,) = await store.list_deliveries(
+        hook.dataset, "hook", DeliveryState.DELIVERED, None, 10
+    )
+    assert delivered.attempt_count == 1
+
+
+@contextlib.asynccontextmanager
+async def silent_receiver() -> AsyncIterator[str]:
+    """A real HTTP peer that reads requests and never answers."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read(65536)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_delivery_cut_short_by_a_stopping_replica_goes_out_at_once_on_the_next(
+    store: ExportStore, export_pool: asyncpg.Pool, receiver: HttpReceiver
+) -> None:
+    async with silent_receiver() as silent_url:
+        hook = await subscribe(store, silent_url, max_attempts=3)
+        await store.record_changes(
+            hook,
+            f"w-{hook.dataset}",
+            [change("ann", 1, ChangeKind.JOIN), change("ann", 2, ChangeKind.LEAVE)],
+            "t",
+            SystemClock().now(),
+        )
+
+        async def in_flight() -> bool:
+            claimed = await export_pool.fetchval(
+                "SELECT count(*) FROM export.webhook_deliveries"
+                " WHERE dataset = $1 AND claimed_until IS NOT NULL",
+                hook.dataset,
+            )
+            return bool(claimed)
+
+        async with dispatching(store):
+            await eventually(in_flight)
+
+    await store.update_subscription(
+        hook.dataset,
+        "hook",
+        "hook",
+        None,
+        lambda subscription: dataclasses.replace(subscription, url=receiver.url),
+        SystemClock().now(),
+    )
+    async with dispatching(store):
+        # Well inside the claim the stopped replica took (SETTINGS: 2 × 5 s + 10 s).
+        await eventually(lambda: len(receiver.accepted()) >= 2, within=5.0)
+
+    assert [json.loads(r.body)["seq"] for r in receiver.accepted()] == [1, 2]
+    delivered = await store.list_deliveries(hook.dataset, "hook", DeliveryState.DELIVERED, None, 10)
+    assert sorted(d.attempt_count for d in delivered) == [1, 1]

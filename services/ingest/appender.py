@@ -2,23 +2,36 @@
 
 For each partition a batch touches, one Lua script runs atomically in Redis:
 
-1. each event's de-dup key is set if it does not exist (``SET NX PX``, expiring after the
-   window); an event whose key existed, or was set by an earlier event of the same call, is
-   a duplicate;
-2. the records of the others, concatenated, become one ``EventBatch`` entry (``XADD``
-   with the bus layout: field ``b`` the payload, ``h`` the trace headers);
-3. should that ``XADD`` fail, the keys just set are deleted before the script returns the
-   error.
+1. the event ids are looked up, with one ``HMGET`` each, in the two de-dup hashes that can
+   hold an id seen within the window (below); an id found there, or earlier in the same
+   call, is a duplicate;
+2. the others are written to the current hash (one ``HSET``) with Redis's time;
+3. their records, concatenated, become one ``EventBatch`` entry (``XADD`` with the bus
+   layout: field ``b`` the payload, ``h`` the trace headers);
+4. should that ``XADD`` fail, the ids just written are deleted (``HDEL``) before the
+   script returns the error.
 
 So an event is never marked seen without being appended, and the script being atomic, no
 other call can slip between the check and the append: no event is appended twice within
-the window. Redis refuses a script's write for lack of memory only at its first write (a
-``SET``), before anything changed; after that the ``XADD`` can fail only on a key of the
-wrong type, which step 3 undoes (``DEL`` is always allowed).
+the window. Redis refuses a script's write for lack of memory only at its first write (the
+``HSET``), before anything changed; after that the ``XADD`` can fail only on a key of the
+wrong type, which step 4 undoes (``HDEL`` is always allowed).
 
-The de-dup key of an event is ``<stream key>:seen:<dataset>:<event_id>``: it shares the
-stream's hash tag, so under Redis Cluster the script's keys all live in one slot. Each costs
-about 150 bytes of Redis memory (for a 36-character id) for the length of the window.
+The de-dup hashes of a dataset on a partition are ``<stream key>:dedup:<dataset>:<slice>``,
+the slice being Redis's time in milliseconds divided by the window, rounded down: each id
+accepted during one slice is a field of its hash, its value the time it was accepted. An
+id accepted less than a window ago is in the current slice's hash or the previous one's,
+with its time, so the window is exact: an id found in the previous slice's hash is a
+duplicate only if its time is within the window. Once a slice is two behind, none of its
+ids can be within the window: the next script on that hash's partition and dataset
+unlinks it (Redis frees a large value in the background on ``UNLINK``, where an expiry
+would free it in the main thread, a few tenths of a second per million ids, unless Redis
+runs with ``lazyfree-lazy-expire``); an expiry at the end of the third slice is there for
+a dataset that stopped sending. One field costs about 100 bytes of Redis memory for a
+36-character id, against 165 for a key of its own with an expiry, and one command per call
+writes them all. The keys share the stream's hash tag, so under Redis Cluster they live in
+the script's slot (the script names them from its own clock, so only the stream is
+declared).
 """
 
 from __future__ import annotations
@@ -42,28 +55,74 @@ EVENTS_TOPIC = "events"
 
 _log = logging.getLogger(__name__)
 
-# KEYS[1]: the partition's stream; KEYS[2..n+1]: each event's de-dup key.
+# Bounds the cache of encoded de-dup keys by partition and dataset.
+_CACHE_LIMIT = 100_000
+
+# KEYS[1]: the partition's stream.
 # ARGV[1]: the window in milliseconds; ARGV[2]: the headers JSON, '' for none;
-# ARGV[3]: the events' EventBatch records, concatenated in the order of the keys;
-# ARGV[4]: each record's length, a little-endian uint32 each.
+# ARGV[3]: the events' EventBatch records, concatenated in the order of the ids;
+# ARGV[4]: each record's length, a little-endian uint32 each;
+# ARGV[5]: the de-dup hashes' key without the slice (dedup_prefix);
+# ARGV[6..n+5]: the events' ids.
 # Returns {entry id or false, positions (1-based) of the duplicates}.
 #
 # The records travel as one argument: when nothing is a duplicate (the common case) it is
 # the payload as is, and one argument instead of one per event halves the client's cost
-# of encoding the command.
+# of encoding the command. Times are Redis's (TIME), one clock for every ingest process;
+# Redis 6.2 replicates a script that reads it only by its effects, once asked to.
 _APPEND = f"""
-local n = #KEYS - 1
+redis.replicate_commands()
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local window = tonumber(ARGV[1])
+local slice = math.floor(now / window)
+local bucket = ARGV[5] .. string.format('%d', slice)
+local n = #ARGV - 5
+local current = redis.call('HMGET', bucket, unpack(ARGV, 6))
+local previous = redis.call('HMGET', ARGV[5] .. string.format('%d', slice - 1), unpack(ARGV, 6))
+local oldest = now - window
 local fresh, dups = {{}}, {{}}
 for i = 1, n do
-  if redis.call('SET', KEYS[i + 1], '1', 'NX', 'PX', ARGV[1]) then
-    fresh[#fresh + 1] = KEYS[i + 1]
-  else
+  local seen = previous[i]
+  if current[i] or (seen and tonumber(seen) >= oldest) then
     dups[#dups + 1] = i
+  else
+    fresh[#fresh + 1] = i
   end
 end
 if #fresh == 0 then
   return {{false, dups}}
 end
+local stamp = string.format('%d', now)
+local fields = {{}}
+for j, i in ipairs(fresh) do
+  fields[2 * j - 1] = ARGV[i + 5]
+  fields[2 * j] = stamp
+end
+if redis.call('HSET', bucket, unpack(fields)) < #fresh then
+  -- An id came more than once in this call: its copies after the first are duplicates.
+  local first, again = {{}}, {{}}
+  for _, i in ipairs(fresh) do
+    if first[ARGV[i + 5]] then
+      again[i] = true
+    else
+      first[ARGV[i + 5]] = true
+    end
+  end
+  local kept, merged, next_dup = {{}}, {{}}, 1
+  for i = 1, n do
+    if dups[next_dup] == i then
+      merged[#merged + 1] = i
+      next_dup = next_dup + 1
+    elseif again[i] then
+      merged[#merged + 1] = i
+    else
+      kept[#kept + 1] = i
+    end
+  end
+  fresh, dups = kept, merged
+end
+redis.call('PEXPIREAT', bucket, string.format('%d', (slice + 3) * window))
 local payload = ARGV[3]
 if #dups > 0 then
   local parts, next_dup, offset = {{}}, 1, 1
@@ -85,16 +144,21 @@ else
   id = redis.pcall('XADD', KEYS[1], '*', '{PAYLOAD_FIELD}', payload, '{HEADERS_FIELD}', ARGV[2])
 end
 if type(id) == 'table' and id.err then
-  redis.call('DEL', unpack(fresh))
+  local ids = {{}}
+  for j, i in ipairs(fresh) do
+    ids[j] = ARGV[i + 5]
+  end
+  redis.call('HDEL', bucket, unpack(ids))
   return id
 end
+redis.call('UNLINK', ARGV[5] .. string.format('%d', slice - 2))
 return {{id, dups}}
 """
 
 
 def dedup_prefix(stream: str, dataset: str) -> str:
-    """Returns the de-dup key of an event without its event id."""
-    return f"{stream}:seen:{dataset}:"
+    """Returns the key of a dataset's de-dup hashes on a stream, without the slice."""
+    return f"{stream}:dedup:{dataset}:"
 
 
 @dataclass(slots=True)
@@ -103,13 +167,15 @@ class PartitionBatch:
 
     Attributes:
         partition: the partition.
-        keys: each event's de-dup key (``dedup_prefix`` + event id).
+        dataset: the dataset the events go to, whose ids they are de-duplicated among.
+        event_ids: each event's id.
         records: each event's ``EventBatch`` record.
         positions: each event's index in the call, for the caller.
     """
 
     partition: int
-    keys: list[str]
+    dataset: str
+    event_ids: list[str]
     records: list[bytes]
     positions: list[int]
 
@@ -134,6 +200,7 @@ class Appender:
         self._sha = self._script.sha
         self._window = _bulk(str(max(1, round(window.total_seconds() * 1000))).encode())
         self._streams: dict[int, bytes] = {}
+        self._prefixes: dict[tuple[int, str], bytes] = {}
 
     def stream_key(self, partition: int) -> str:
         return self._bus.stream_key(EVENTS_TOPIC, partition)
@@ -215,23 +282,31 @@ class Appender:
 
     def _command(self, batch: PartitionBatch, headers: bytes) -> list[bytes]:
         """``EVALSHA`` of the script for one batch, in the Redis protocol (RESP)."""
-        keys, records = batch.keys, batch.records
+        event_ids, records = batch.event_ids, batch.records
         stream = self._streams.get(batch.partition)
         if stream is None:
             stream = self._streams[batch.partition] = _bulk(
                 self.stream_key(batch.partition).encode()
             )
+        prefix = self._prefixes.get((batch.partition, batch.dataset))
+        if prefix is None:
+            if len(self._prefixes) >= _CACHE_LIMIT:
+                self._prefixes.clear()
+            prefix = self._prefixes[batch.partition, batch.dataset] = _bulk(
+                dedup_prefix(self.stream_key(batch.partition), batch.dataset).encode()
+            )
         payload = b"".join(records)
         return [
-            b"*%d\r\n$7\r\nEVALSHA\r\n%s%s%s"
-            % (len(keys) + 8, _bulk(self._sha.encode()), _bulk(b"%d" % (len(keys) + 1)), stream),
-            _bulks(keys),
+            b"*%d\r\n$7\r\nEVALSHA\r\n%s$1\r\n1\r\n%s"
+            % (len(event_ids) + 9, _bulk(self._sha.encode()), stream),
             self._window,
             headers,
             b"$%d\r\n" % len(payload),
             payload,
             b"\r\n",
             _bulk(struct.pack(f"<{len(records)}I", *map(len, records))),
+            prefix,
+            _bulks(event_ids),
         ]
 
 

@@ -22,7 +22,7 @@ from audience import errors
 from audience.streams import partition_of
 from audience.telemetry import inject
 from audience.v1 import event_pb2
-from services.ingest.appender import Appended, PartitionBatch, dedup_prefix
+from services.ingest.appender import Appended, PartitionBatch
 from services.ingest.records import DatasetRecords, EventFields, receipt_fields
 from services.ingest.validation import MAX_STRING_BYTES, Validator, Violation
 from services.ingest.wire import event_encodings
@@ -93,8 +93,6 @@ def _headers_json() -> str:
 class Sink(Protocol):
     """Where accepted events go (the bus, through the append script)."""
 
-    def stream_key(self, partition: int) -> str: ...
-
     async def append(
         self, batches: Sequence[PartitionBatch], headers_json: str
     ) -> list[Appended]: ...
@@ -154,7 +152,6 @@ class Ingestor:
         self._fields = EventFields()
         self._partition_cache: dict[str, int] = {}
         self._records: dict[str, DatasetRecords] = {}
-        self._dedup_prefixes: dict[tuple[str, int], str] = {}
         events = (meter or metrics.NoOpMeter(__name__)).create_counter(
             "audience.ingest.events",
             unit="{event}",
@@ -261,12 +258,8 @@ class Ingestor:
             batches.append(
                 PartitionBatch(
                     partition,
-                    list(
-                        map(
-                            self._dedup_prefix(dataset, partition).__add__,
-                            map(event_ids.__getitem__, indexes),
-                        )
-                    ),
+                    dataset,
+                    list(map(event_ids.__getitem__, indexes)),
                     list(map(records.__getitem__, positions)),
                     indexes,
                 )
@@ -314,12 +307,3 @@ class Ingestor:
                 self._records.clear()
             records = self._records[dataset] = DatasetRecords(dataset)
         return records
-
-    def _dedup_prefix(self, dataset: str, partition: int) -> str:
-        prefix = self._dedup_prefixes.get((dataset, partition))
-        if prefix is None:
-            if len(self._dedup_prefixes) >= _CACHE_LIMIT:
-                self._dedup_prefixes.clear()
-            prefix = dedup_prefix(self._sink.stream_key(partition), dataset)
-            self._dedup_prefixes[dataset, partition] = prefix
-        return prefix

@@ -20,7 +20,7 @@ from audience.bus.v1 import events_pb2 as bus_events_pb2
 from audience.errors import AudienceError
 from audience.streams import Bus, decode_entry
 from audience.v1 import event_pb2
-from services.ingest.appender import EVENTS_TOPIC, Appender, PartitionBatch
+from services.ingest.appender import EVENTS_TOPIC, Appender, PartitionBatch, dedup_prefix
 from services.ingest.backlog import BacklogGauge
 from services.ingest.ingestor import EventStatus, Ingestor
 from services.ingest.records import DatasetRecords
@@ -146,10 +146,10 @@ async def test_a_batch_with_duplicates_appends_exactly_its_new_events_as_one_ent
     records = DatasetRecords("shop")
 
     def batch(*event_ids: str) -> PartitionBatch:
-        prefix = f"{appender.stream_key(0)}:seen:shop:"
         return PartitionBatch(
             0,
-            [prefix + i for i in event_ids],
+            "shop",
+            list(event_ids),
             [records.record(track(i).SerializeToString()) for i in event_ids],
             list(range(len(event_ids))),
         )
@@ -166,16 +166,61 @@ async def test_a_batch_with_duplicates_appends_exactly_its_new_events_as_one_ent
         ["a", "b"],
         ["c", "d"],
     ]
-    # Each event's de-dup key expires with the window.
-    assert 0 < await bus.redis.pttl(f"{appender.stream_key(0)}:seen:shop:c") <= 3_600_000
+    # The ids are in the hash of the current slice, which lasts two slices more at most.
+    now_ms, slice_ = await redis_slice(bus, 3_600_000)
+    bucket = dedup_prefix(appender.stream_key(0), "shop") + str(slice_)
+    assert sorted(await bus.redis.hkeys(bucket)) == [b"a", b"b", b"c", b"d"]
+    assert 0 < await bus.redis.pttl(bucket) <= (slice_ + 3) * 3_600_000 - now_ms
+
+
+async def redis_slice(bus: Bus, window_ms: int) -> tuple[int, int]:
+    """Redis's time in milliseconds, and the de-dup slice it falls in for ``window_ms``."""
+    seconds, micros = await bus.redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    return now_ms, now_ms // window_ms
+
+
+async def test_an_id_from_the_previous_slice_is_a_duplicate_exactly_within_the_window(
+    bus: Bus,
+) -> None:
+    window = 3_600_000
+    appender = Appender(bus, window=timedelta(milliseconds=window))
+    records = DatasetRecords("shop")
+    prefix = dedup_prefix(appender.stream_key(0), "shop")
+    ids = ["inside", "outside", "new"]
+    batch = PartitionBatch(
+        0, "shop", ids, [records.record(track(i).SerializeToString()) for i in ids], [0, 1, 2]
+    )
+    while True:
+        now_ms, slice_ = await redis_slice(bus, window)
+        # As if accepted in the previous slice: one just inside the window, one just out.
+        previous, dead = f"{prefix}{slice_ - 1}", f"{prefix}{slice_ - 2}"
+        await bus.redis.hset(
+            previous, mapping={"inside": now_ms - window + 60_000, "outside": now_ms - window - 1}
+        )
+        await bus.redis.hset(dead, mapping={"new": now_ms - 2 * window})
+        (appended,) = await appender.append([batch], "")
+        if (await redis_slice(bus, window))[1] == slice_:
+            break
+        await bus.redis.delete(previous, dead, f"{prefix}{slice_}")  # a slice ended meanwhile
+
+    assert appended.duplicates == [0]
+    assert [[e.event.event_id for e in entry] for entry in await entries(bus)][-1] == [
+        "outside",
+        "new",
+    ]
+    assert sorted(await bus.redis.hkeys(f"{prefix}{slice_}")) == [b"new", b"outside"]
+    # Two slices behind, a hash can hold no id within the window: it is gone.
+    assert not await bus.redis.exists(dead)
 
 
 async def test_the_script_keeps_the_trace_headers_on_the_entry(bus: Bus) -> None:
     appender = Appender(bus, window=timedelta(hours=1))
     record = DatasetRecords("shop").record(track("a").SerializeToString())
-    key = f"{appender.stream_key(1)}:seen:shop:a"
 
-    await appender.append([PartitionBatch(1, [key], [record], [0])], '{"traceparent":"00-x"}')
+    await appender.append(
+        [PartitionBatch(1, "shop", ["a"], [record], [0])], '{"traceparent":"00-x"}'
+    )
 
     raw: Any = await bus.redis.xrange(appender.stream_key(1))
     assert decode_entry(raw[0][1]) == (record, {"traceparent": "00-x"})
@@ -198,13 +243,16 @@ async def test_when_the_append_fails_no_event_is_marked_seen(bus: Bus) -> None:
     await bus.redis.delete(stream)
     await bus.redis.set(stream, "not a stream")
     record = DatasetRecords("shop").record(track("a").SerializeToString())
-    key = f"{stream}:seen:shop:a"
 
     with pytest.raises(AudienceError) as refused:
-        await appender.append([PartitionBatch(2, [key], [record], [0])], "")
+        await appender.append([PartitionBatch(2, "shop", ["a"], [record], [0])], "")
 
     assert refused.value.code.name == "UNAVAILABLE"
-    assert not await bus.redis.exists(key)
+    assert not [key async for key in bus.redis.scan_iter(match=f"{stream}:dedup:*")]
+    await bus.redis.delete(stream)
+    (again,) = await appender.append([PartitionBatch(2, "shop", ["a"], [record], [0])], "")
+    assert again.entry_id is not None
+    assert again.duplicates == []
 
 
 async def test_a_script_lost_by_redis_is_loaded_again(bus: Bus) -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from audience.bus.v1 import events_pb2 as bus_events_pb2
 from audience.streams import partition_of
 from audience.v1 import common_pb2, event_pb2, ingest_service_pb2
-from services.ingest.appender import Appended, PartitionBatch, dedup_prefix
+from services.ingest.appender import Appended, PartitionBatch
 from services.ingest.ingestor import Ingestor
 from services.ingest.records import EventFields, varint
 from services.ingest.validation import MAX_STRING_BYTES, Validator, partition_key
@@ -33,9 +33,6 @@ Outcome = tuple[list[tuple[str, str]] | None, event_pb2.Event | None]
 
 
 class _Sink:
-    def stream_key(self, partition: int) -> str:
-        return f"t:{{events.{partition}}}"
-
     async def append(self, batches: Sequence[PartitionBatch], headers_json: str) -> list[Appended]:
         raise AssertionError("not appended in these tests")
 
@@ -64,13 +61,15 @@ def outcome(encodings: Sequence[bytes]) -> list[Outcome]:
     prepared = ingestor.prepare("shop", events, encoded)
     on_bus: dict[int, event_pb2.Event] = {}
     for batch in prepared.batches:
-        for key, record, index in zip(batch.keys, batch.records, batch.positions, strict=True):
+        assert batch.dataset == "shop"
+        for event_id, record, index in zip(
+            batch.event_ids, batch.records, batch.positions, strict=True
+        ):
             ingested = bus_events_pb2.EventBatch.FromString(record).events[0]
             assert ingested.dataset == "shop"
             event = event_pb2.Event()
             event.CopyFrom(ingested.event)
-            prefix = dedup_prefix(sink.stream_key(batch.partition), "shop")
-            assert key == prefix + event.event_id
+            assert event_id == event.event_id
             assert batch.partition == partition_of(partition_key(event), PARTITIONS)
             on_bus[index] = event
     return [

@@ -25,6 +25,7 @@ from services.profile.domain.apply import Settings
 from services.profile.grpc import ProfileServicer
 from services.profile.memberships import Memberships
 from services.profile.operations import Operations
+from services.profile.outbox import Outbox, Relay
 from services.profile.prune import Pruner
 from services.profile.store import ProfileStore, Registry
 
@@ -61,6 +62,7 @@ async def build(resources: Resources) -> ServiceUnit:
         pause=config.backfill_pause.total_seconds(),
     )
     pruner = Pruner(Registry(resources.postgres), interval=config.prune_interval.total_seconds())
+    relay = Relay(Outbox(store, publisher), grace=config.outbox_grace)
     memberships = Memberships(
         resources.channels, str(config.segment_engine), config.segment_timeout.total_seconds()
     )
@@ -79,6 +81,7 @@ async def build(resources: Resources) -> ServiceUnit:
             *(worker.run for worker in consumers),
             backfiller.run,
             pruner.run,
+            relay.run,
             trim,
             lag.run,
         ),

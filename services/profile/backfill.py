@@ -4,7 +4,8 @@ Registration stores the aggregates, moves the dataset's catalogue version and qu
 backfill, all in one transaction, before any profile is touched. A backfill then walks the
 dataset's profiles in id order, a page per transaction: it locks the page's rows, recomputes
 the aggregates from each profile's history, writes those that differ, raises the profile's
-sequence and publishes a change with key ``aggregates``.
+sequence and publishes a change with key ``aggregates``, recorded in the outbox by the page's
+transaction (a page is never read again, so the relay makes a lost publish good).
 
 Live units read the catalogue after taking their row locks, so a profile the backfill has
 passed is maintained by the live path, and a profile it has not reached yet is recomputed
@@ -29,6 +30,7 @@ from services.profile.domain.aggregates import AggregateIndex, earliest_expiry
 from services.profile.domain.apply import Settings
 from services.profile.domain.backfill import needs_visits, recompute
 from services.profile.domain.model import ChangeType
+from services.profile.outbox import Outbox, Pending
 from services.profile.store import ProfileStore, Registry
 
 __all__ = ["Backfiller"]
@@ -53,7 +55,7 @@ class Backfiller:
     ) -> None:
         self.store = store
         self.registry = registry
-        self.publisher = publisher
+        self.outbox = Outbox(store, publisher, clock=clock)
         self.settings = settings
         self.page_size = page_size
         self.pause = pause
@@ -130,6 +132,14 @@ class Backfiller:
                     changed.append(state)
             await self.store.write_profiles(conn, changed)
             await self.registry.advance(conn, dataset, ids[-1], len(ids))
+            # The page is never read again: a lost publish is the outbox's to make good.
+            recorded = await self.outbox.record(
+                conn,
+                [
+                    Pending(dataset, USER, state.profile_id, state.sequence, ChangeType.UPDATED)
+                    for state in changed
+                ],
+            )
         # Dated after the commit, as the applier dates its changes (the segment engine's
         # backfills compare the date with the instant their query began).
         committed = int(self._clock() * 1_000_000)
@@ -146,5 +156,5 @@ class Backfiller:
                 change_time=committed,
             )
             published.append(Published(subject_key(dataset, USER, state.profile_id), change))
-        await self.publisher.changes(published)
+        await self.outbox.publish(published, recorded)
         return True

@@ -40,6 +40,11 @@ class ProfileConfig:
         backfill_pause: pause between backfill transactions, so live traffic keeps its share.
         prune_interval: how often buckets past retention are swept from profiles no event
             has touched since they expired.
+        outbox_grace: how long a change committed by a merge, an erasure or a backfill page
+            stays in the outbox before the relay publishes it in case its own publish was
+            lost; the relay looks this often. Longer than a publish takes, so the relay
+            rarely publishes a change twice (harmless: the segment engine drops a sequence
+            it has passed).
     """
 
     common: CommonConfig
@@ -55,6 +60,7 @@ class ProfileConfig:
     backfill_profiles: int
     backfill_pause: timedelta
     prune_interval: timedelta
+    outbox_grace: timedelta
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProfileConfig:
@@ -96,5 +102,11 @@ class ProfileConfig:
             ),
             prune_interval=env.duration(
                 "AUDIENCE_PROFILE_PRUNE_INTERVAL", timedelta(hours=1), minimum=timedelta(seconds=1)
+            ),
+            outbox_grace=env.duration(
+                "AUDIENCE_PROFILE_OUTBOX_GRACE",
+                timedelta(seconds=5),
+                minimum=timedelta(milliseconds=100),
+                maximum=timedelta(hours=1),
             ),
         )

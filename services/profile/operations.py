@@ -33,6 +33,7 @@ from services.profile.domain.model import (
     normalize_identity,
 )
 from services.profile.memberships import Memberships
+from services.profile.outbox import Outbox
 from services.profile.query import ProfileQuery, QueryProgress
 from services.profile.store import Eraser, Reader, Registry, identity_hash
 
@@ -114,7 +115,7 @@ class Operations:
         self.eraser = Eraser(pool)
         self.registry = Registry(pool)
         self.query = ProfileQuery(pool)
-        self.publisher = publisher
+        self.outbox = Outbox(self.store, publisher, clock=clock)
         self.memberships = memberships
         self._clock = clock
 
@@ -256,8 +257,9 @@ class Operations:
                 )
             outcome = merge_profiles(target_key, source_keys, states, "explicit merge", now)
             commit = await self.applier.settle(conn, outcome, states, now, applied.changes)
+            recorded = await self.outbox.record_outcome(conn, outcome, states)
         commit()
-        await self.publisher.changes(applied.changes)
+        await self.outbox.publish(applied.changes, recorded)
         return states[target_key], outcome.merges
 
     async def erase(self, dataset: str, profile_id: str) -> ErasureRecord:
@@ -273,8 +275,9 @@ class Operations:
             deleted = await self.eraser.erase(conn, state, datetime_from_micros(now))
             outcome = erase_profile(key, states)
             commit = await self.applier.settle(conn, outcome, states, now, applied.changes)
+            recorded = await self.outbox.record_outcome(conn, outcome, states)
         commit()
-        await self.publisher.changes(applied.changes)
+        await self.outbox.publish(applied.changes, recorded)
         return ErasureRecord(dataset, profile_id, identities, now, deleted)
 
     async def release(self, dataset: str, identities: Sequence[Identity]) -> int:

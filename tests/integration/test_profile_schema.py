@@ -129,6 +129,7 @@ async def test_buckets_of_the_first_schema_move_into_the_aggregates_document(
                 "0002_aggregates_document.sql",
                 "0003_aggregates_lz4.sql",
                 "0004_merge_sequences.sql",
+                "0005_outbox.sql",
             ]
             rows = {
                 row["profile_id"]: row

@@ -221,7 +221,7 @@ class Outbox:
         await self.publisher.changes(published)
         # Only the rows taken: a concurrent writer may have recorded more meanwhile.
         await pool.execute(_FORGET, [row["outbox_id"] for row in rows])
-        _log.info("outbox: published %d changes whose publish was lost", len(published))
+        _log.info("outbox: published %d changes left in the outbox", len(published))
         return len(rows)
 
 

@@ -8,13 +8,12 @@ from importlib.resources import files
 from audience.server import ServiceUnit
 from audience.service import Resources, ServiceDefinition
 from audience.streams import ConsumerLag
-from audience.v1 import ingest_service_pb2_grpc
 from services.ingest.appender import EVENTS_TOPIC, Appender
 from services.ingest.backlog import BacklogGauge
 from services.ingest.config import IngestConfig
 from services.ingest.consumer import INGEST_GROUP, consume_failed_events
 from services.ingest.failed import FAILED_EVENTS_TOPIC, FailedEvents
-from services.ingest.grpc import IngestServicer
+from services.ingest.grpc import IngestServicer, add_to_server
 from services.ingest.ingestor import Ingestor
 from services.ingest.store import FailedEventStore
 
@@ -50,9 +49,7 @@ async def build(resources: Resources) -> ServiceUnit:
     return ServiceUnit(
         name="ingest",
         service_names=("audience.v1.IngestService",),
-        add_to_server=functools.partial(
-            ingest_service_pb2_grpc.add_IngestServiceServicer_to_server, servicer
-        ),
+        add_to_server=functools.partial(add_to_server, servicer),
         background=(
             gauge.run,
             functools.partial(

@@ -113,6 +113,76 @@ async def test_a_mixed_batch_gets_a_result_per_event_and_only_valid_events_are_a
     assert sorted(e.event.event_id for e in on_bus) == ["a", "c"]
 
 
+def as_sent(event_id: str) -> bytes:
+    """An event encoded with its fields last to first, as no protobuf library writes them."""
+    parts = [
+        event_pb2.Event(event_id=event_id),
+        event_pb2.Event(type=event_pb2.EVENT_TYPE_TRACK),
+        event_pb2.Event(name="product_view"),
+        event_pb2.Event(user_id="u1"),
+    ]
+    return b"".join(part.SerializeToString() for part in reversed(parts))
+
+
+def events_then_parent(dataset: str | None, events: list[bytes]) -> bytes:
+    """A batch request's bytes with the events (field 2) before the parent (field 1)."""
+    encoded = b"".join(b"\x12" + bytes([len(event)]) + event for event in events)
+    if dataset is not None:
+        encoded += ingest_service_pb2.SendEventsRequest(
+            parent=f"datasets/{dataset}"
+        ).SerializeToString()
+    return encoded
+
+
+async def payloads_on_bus(suite: RunningSuite) -> bytes:
+    bus = suite.resources.bus
+    found = b""
+    for partition in range(bus.partitions):
+        entries: Any = await bus.redis.xrange(bus.stream_key("events", partition))
+        found += b"".join(decode_entry(fields)[0] for _, fields in entries)
+    return found
+
+
+async def test_the_bus_holds_each_event_of_a_batch_as_the_client_encoded_it(
+    start_suite: StartSuite,
+) -> None:
+    # Ingest reads the events from the request's bytes as they came, not encoded again.
+    sent = [as_sent("a"), as_sent("b")]
+    async with start_suite([INGEST]) as suite:
+        send = suite.channel.unary_unary(
+            "/audience.v1.IngestService/SendEvents",
+            response_deserializer=ingest_service_pb2.SendEventsResponse.FromString,
+        )
+        response = await send(events_then_parent(new_dataset(), sent))
+
+        async def requests() -> AsyncIterator[bytes]:
+            yield events_then_parent(new_dataset(), [as_sent("c")])
+            yield events_then_parent(None, [as_sent("d")])
+
+        stream = suite.channel.stream_stream(
+            "/audience.v1.IngestService/StreamEvents",
+            response_deserializer=ingest_service_pb2.StreamEventsResponse.FromString,
+        )
+        streamed = [r async for r in stream(requests())]
+        on_bus = await payloads_on_bus(suite)
+    assert [r.status for r in response.results] == [ACCEPTED, ACCEPTED]
+    assert [r.results[0].status for r in streamed] == [ACCEPTED, ACCEPTED]
+    for event_id in "abcd":
+        assert as_sent(event_id) in on_bus
+
+
+async def test_a_batch_that_does_not_parse_is_invalid_argument_naming_the_event(
+    start_suite: StartSuite,
+) -> None:
+    async with start_suite([INGEST]) as suite:
+        send = suite.channel.unary_unary("/audience.v1.IngestService/SendEvents")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send(events_then_parent(new_dataset(), [as_sent("a"), b"\x0a\x05ab"]))
+    error = decode(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert [v.field for v in error.violations] == ["events[1]"]
+
+
 async def test_a_batch_over_the_limit_is_refused_naming_events(start_suite: StartSuite) -> None:
     async with start_suite([INGEST]) as suite:
         events = [track(f"e{i}") for i in range(1001)]

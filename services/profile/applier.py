@@ -306,6 +306,10 @@ class Applier:
                 for merge in outcome.merges
             ],
         )
+        await store.retire(
+            conn,
+            [(key, states[key].sequence) for key in outcome.touches if outcome.gone(key)],
+        )
         kept = [key for key in outcome.touches if not outcome.gone(key)]
         # A profile's row carries its aggregates: one statement writes every change.
         await store.write_profiles(

@@ -135,6 +135,11 @@ def identity_hash(dataset: str, kind: str, value: str) -> bytes:
     return hashlib.sha256(f"{dataset}\x00{kind}\x00{value}".encode()).digest()
 
 
+def profile_hash(dataset: str, profile_id: str) -> bytes:
+    """The SHA-256 digest a retired profile's id is kept as."""
+    return hashlib.sha256(f"{dataset}\x00{profile_id}".encode()).digest()
+
+
 def _month(moment: datetime) -> int:
     return moment.year * 12 + moment.month - 1
 
@@ -255,16 +260,40 @@ class ProfileStore:
         unique = sorted(set(keys))
         if not unique:
             return set()
+        # A person who was erased or merged away before continues above that life's last
+        # sequence (see ``retire``).
         rows = await conn.fetch(
-            f"INSERT INTO {S}.profiles (dataset, kind, profile_id)"
-            " SELECT dataset, $1, profile_id FROM unnest($2::text[], $3::text[])"
-            " AS k(dataset, profile_id) ORDER BY dataset, profile_id"
+            f"INSERT INTO {S}.profiles (dataset, kind, profile_id, sequence)"
+            " SELECT k.dataset, $1, k.profile_id, coalesce(r.sequence, 0)"
+            " FROM unnest($2::text[], $3::text[], $4::bytea[]) AS k(dataset, profile_id, digest)"
+            f" LEFT JOIN {S}.retired_profiles r"
+            "   ON r.dataset = k.dataset AND r.profile_hash = k.digest"
+            " ORDER BY k.dataset, k.profile_id"
             " ON CONFLICT DO NOTHING RETURNING dataset, profile_id",
             kind,
             [key[0] for key in unique],
             [key[1] for key in unique],
+            [profile_hash(*key) for key in unique],
         )
         return {(row["dataset"], row["profile_id"]) for row in rows}
+
+    async def retire(
+        self, conn: asyncpg.Connection, last: Iterable[tuple[ProfileKey, int]]
+    ) -> None:
+        """Keeps the last sequence of profiles that are gone (erased, merged away), so one
+        created again under the same id continues above it."""
+        found = sorted(last)
+        if not found:
+            return
+        await conn.execute(
+            f"INSERT INTO {S}.retired_profiles (dataset, profile_hash, sequence)"
+            " SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[])"
+            " ON CONFLICT (dataset, profile_hash)"
+            " DO UPDATE SET sequence = greatest(retired_profiles.sequence, EXCLUDED.sequence)",
+            [key[0] for key, _ in found],
+            [profile_hash(*key) for key, _ in found],
+            [sequence for _, sequence in found],
+        )
 
     async def lock(
         self, conn: asyncpg.Connection, kind: str, keys: Iterable[tuple[str, str]]

@@ -130,6 +130,7 @@ async def test_buckets_of_the_first_schema_move_into_the_aggregates_document(
                 "0003_aggregates_lz4.sql",
                 "0004_merge_sequences.sql",
                 "0005_outbox.sql",
+                "0006_retired_profiles.sql",
             ]
             rows = {
                 row["profile_id"]: row

@@ -163,6 +163,39 @@ async def test_the_cart_under_100_example_end_to_end(start_suite: StartSuite) ->
     assert leave.reason.flipped_clauses[0].observed.number_value == 110
 
 
+async def test_a_person_erased_then_released_is_segmented_again_when_they_come_back(
+    start_suite: StartSuite,
+) -> None:
+    async with pipeline(start_suite) as p:
+        segment = await p.clients.create(p.dataset, "browsing", "cart.value < 100")
+        await p.clients.wait_active(segment.name)
+        watcher = Watcher(p)
+        await asyncio.sleep(0.3)
+        # Enough changes that the first life's sequence is well above the second's start.
+        for count in range(1, 6):
+            await p.send(_cart("returning", *([10.0] * count)))
+        await p.clients.eventually_segments(p.dataset, "returning", {"browsing"})
+        name = f"datasets/{p.dataset}/profiles/returning"
+        await p.profiles.EraseProfile(profile_service_pb2.EraseProfileRequest(name=name))
+        await p.clients.eventually_segments(p.dataset, "returning", set())
+        await p.profiles.ReleaseErasedIdentities(
+            profile_service_pb2.ReleaseErasedIdentitiesRequest(
+                parent=f"datasets/{p.dataset}",
+                identities=[common_pb2.Identity(type="user_id", value="returning")],
+            )
+        )
+        (back,) = await p.send(_cart("returning", 30.0))
+        changes = await watcher.until(3)
+        await watcher.stop()
+
+    assert [(c.kind, c.reason.cause) for c in changes] == [
+        (JOIN, membership_pb2.CHANGE_CAUSE_EVENT),
+        (LEAVE, membership_pb2.CHANGE_CAUSE_ERASURE),
+        (JOIN, membership_pb2.CHANGE_CAUSE_EVENT),
+    ]
+    assert list(changes[2].reason.event_ids) == [back]
+
+
 async def test_a_window_rule_leaves_with_no_event_end_to_end(start_suite: StartSuite) -> None:
     async with pipeline(start_suite) as p:
         segment = await p.clients.create(

@@ -37,7 +37,7 @@ from services.profile.codec import ACCOUNT, USER, account_view, encode_change, p
 from services.profile.consumer import Publisher, is_infrastructure
 from services.profile.domain.batch import UserOutcome
 from services.profile.domain.model import ChangeType, ProfileKey, ProfileState
-from services.profile.store import ProfileStore
+from services.profile.store import ProfileStore, S
 
 __all__ = ["Outbox", "Pending", "Relay"]
 
@@ -45,9 +45,6 @@ _log = logging.getLogger(__name__)
 
 # Redis as well as PostgreSQL: the relay publishes.
 _FAILURES: tuple[type[Exception], ...] = (RedisError, *LOOP_FAILURES)
-
-# The service's schema, as the store names it.
-S = '"profile"'
 
 _RECORD = (
     f"INSERT INTO {S}.outbox (dataset, kind, subject_id, sequence, change_type, merged_into)"

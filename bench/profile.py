@@ -1,6 +1,7 @@
 """Benchmark: events applied per second by the profile service, from the bus to PostgreSQL.
 
-    python -m bench.profile [--events 200000] [--visitors 20000] [--aggregates 1000] [--quick]
+    python -m bench.profile [--events 200000] [--visitors 20000] [--aggregates 1000]
+                            [--replicas 1] [--quick]
 
 The profile service runs as its own process (``python -m services.profile``), as deployed.
 Before it starts, the dataset gets ``--aggregates`` registered aggregates (a mix like the
@@ -16,12 +17,13 @@ visitor merged into a known user) or interacts with a campaign; some users belon
 account.
 
 The service runs with its defaults but a cache for 50,000 profiles (``--env NAME=VALUE``
-overrides any setting). The figure is events over the time from the service's first
-acknowledgement to an empty backlog; the run checks that the history holds every event.
-Over the same span it reports the CPU time per event of the service's process, of the
-PostgreSQL backends serving the scratch database and of Redis (steadier than the rate on a
-shared machine). With ``--profile FILE``, py-spy samples the service into ``FILE`` (raw
-stacks, for ``py-spy``'s flame graph tools or a grep).
+overrides any setting), as ``--replicas`` processes (1 unless given) sharing the consumer
+group, as replicas of a deployment do. The figure is events over the time from the
+service's first acknowledgement to an empty backlog; the run checks that the history holds
+every event. Over the same span it reports the CPU time per event of the service's
+processes, of the PostgreSQL backends serving the scratch database and of Redis (steadier
+than the rate on a shared machine). With ``--profile FILE``, py-spy samples the service's
+first replica into ``FILE`` (raw stacks, for ``py-spy``'s flame graph tools or a grep).
 PostgreSQL and Redis are ``AUDIENCE_POSTGRES_DSN`` / ``AUDIENCE_REDIS_URL`` (a superuser
 DSN: a scratch database is made and dropped), or embedded servers when unset. The last
 line printed is JSON with ``events_per_s``. Goal: ≥ 25,000 events/s.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -361,10 +364,11 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class CpuMeter:
-    """CPU seconds of the service, of the database's backends and of Redis, since a mark."""
+    """CPU seconds of the service (its replicas together), of the database's backends and
+    of Redis, since a mark."""
 
-    def __init__(self, service_pid: int, monitor: asyncpg.Connection, redis: Redis) -> None:
-        self.service_pid = service_pid
+    def __init__(self, service_pids: list[int], monitor: asyncpg.Connection, redis: Redis) -> None:
+        self.service_pids = service_pids
         self.monitor = monitor
         self.redis = redis
         self._start: dict[str, float] = {}
@@ -383,7 +387,10 @@ class CpuMeter:
 
     async def mark(self) -> None:
         self._backends = {pid: _cpu_seconds(pid) for pid in await self._backend_pids()}
-        self._start = {"service": _cpu_seconds(self.service_pid), "redis": await self._redis()}
+        self._start = {"service": self._service(), "redis": await self._redis()}
+
+    def _service(self) -> float:
+        return sum(_cpu_seconds(pid) for pid in self.service_pids)
 
     async def spent(self) -> dict[str, float]:
         # Backends opened after the mark count from zero; one closed meanwhile is lost.
@@ -391,7 +398,7 @@ class CpuMeter:
             _cpu_seconds(pid) - self._backends.get(pid, 0.0) for pid in await self._backend_pids()
         )
         return {
-            "service": _cpu_seconds(self.service_pid) - self._start["service"],
+            "service": self._service() - self._start["service"],
             "postgres": postgres,
             "redis": await self._redis() - self._start["redis"],
         }
@@ -433,14 +440,12 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 await declare_topics(bus)
                 entries = await _prefill(bus, events, options.batch)
                 log(f"{entries:,} entries on the bus; {options.aggregates:,} aggregates")
-                address = f"127.0.0.1:{free_port()}"
                 environ = {
                     "PATH": "/usr/bin:/bin",
                     "AUDIENCE_POSTGRES_DSN": dsn,
                     "AUDIENCE_REDIS_URL": redis_url,
                     "AUDIENCE_REDIS_NAMESPACE": namespace,
                     "AUDIENCE_BUS_PARTITIONS": str(PARTITIONS),
-                    "AUDIENCE_LISTEN": address,
                     "AUDIENCE_LOG_LEVEL": "warning",
                     # Room for every visitor of the run (about 15 KB each).
                     "AUDIENCE_PROFILE_CACHE_SIZE": "50000",
@@ -452,9 +457,23 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 total = await bus.backlog(EVENTS, GROUP)
                 monitor = await asyncpg.connect(dsn)
                 profiler: asyncio.subprocess.Process | None = None
-                async with service(["-m", "services.profile"], environ, directory, "profile") as p:
-                    meter = CpuMeter(p.pid, monitor, redis)
-                    await wait_serving(address, "profile", p)
+                labels = [f"profile-{n}" for n in range(options.replicas)]
+                async with contextlib.AsyncExitStack() as replicas:
+                    processes = []
+                    for label in labels:
+                        address = f"127.0.0.1:{free_port()}"
+                        replica = {
+                            **environ,
+                            "AUDIENCE_LISTEN": address,
+                            "AUDIENCE_PROFILE_CONSUMER_NAME": label,
+                        }
+                        process = await replicas.enter_async_context(
+                            service(["-m", "services.profile"], replica, directory, label)
+                        )
+                        await wait_serving(address, label, process)
+                        processes.append(process)
+                    p = processes[0]
+                    meter = CpuMeter([process.pid for process in processes], monitor, redis)
                     if options.profile:
                         profiler = await asyncio.create_subprocess_exec(
                             _py_spy(),
@@ -483,8 +502,8 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                         if now - last_report > 5:
                             log(f"  {total - backlog:,}/{total:,} entries applied")
                             last_report = now
-                        if p.returncode is not None:
-                            raise RuntimeError("the profile service exited; see its log")
+                        if any(process.returncode is not None for process in processes):
+                            raise RuntimeError("a profile replica exited; see its log")
                         await asyncio.sleep(0.02)
                     finished = time.perf_counter()
                     cpu = await meter.spent()
@@ -492,8 +511,9 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                         profiler.send_signal(2)
                         await asyncio.wait_for(profiler.wait(), 60)
                 await monitor.close()
-                for line in (directory / "profile.log").read_text().splitlines()[-10:]:
-                    log(line)
+                for label in labels:
+                    for line in (directory / f"{label}.log").read_text().splitlines()[-10:]:
+                        log(f"{label}: {line}")
             finally:
                 await redis.aclose()
             counts = await _history(dsn)
@@ -514,6 +534,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
         **{f"{name}_cpu_cores": round(spent / seconds, 2) for name, spent in cpu.items()},
         "entries": total,
         "aggregates": options.aggregates,
+        "replicas": options.replicas,
         **{f"{name}_rows": value for name, value in counts.items()},
         "goal_events_per_s": GOAL,
     }
@@ -528,7 +549,12 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)."
     )
-    parser.add_argument("--profile", type=Path, help="py-spy the service into this file")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="Profile service processes sharing the work."
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy the service (its first replica) into this file"
+    )
     options = parse_options(parser, {"events": 20_000, "visitors": 2_000})
     print(json.dumps(asyncio.run(_run(options))))
 

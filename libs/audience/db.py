@@ -12,7 +12,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "dsn_with_database",
     "load_migrations",
     "migrate",
+    "session_lock",
 ]
 
 _log = logging.getLogger(__name__)
@@ -119,7 +121,45 @@ async def create_pool(
         max_inactive_connection_lifetime=max_inactive_connection_lifetime,
         server_settings=settings,
         init=setup,
+        reset=_leave_session_as_is,
     )
+
+
+async def _leave_session_as_is(conn: asyncpg.Connection) -> None:
+    """Released connections skip asyncpg's reset query, a round trip on every release, on
+    the latency path of every unit of work: the pool still rolls back an open transaction
+    and drops listener callbacks, and nothing here keeps session state past its use —
+    session-level advisory locks go through :func:`session_lock` and the one ``LISTEN``
+    terminates its connection when it cannot end cleanly."""
+
+
+@asynccontextmanager
+async def session_lock(pool: asyncpg.Pool, key: int, *, wait: bool) -> AsyncIterator[bool]:
+    """Holds the session-level advisory lock ``key`` on a connection of ``pool`` for the
+    block; yields whether it is held (``wait=False`` gives up at once when another session
+    holds it). A connection that may still hold the lock after the block (the unlock
+    failed or was cancelled) is terminated, so the lock ends with it rather than with
+    whoever next takes the connection from the pool."""
+    async with pool.acquire() as conn:
+        try:
+            if wait:
+                await conn.execute("SELECT pg_advisory_lock($1)", key)
+                held = True
+            else:
+                held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+        except BaseException:
+            # A cancelled lock call too: the server may have granted it all the same.
+            conn.terminate()
+            raise
+        try:
+            yield held
+        finally:
+            if held:
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                except BaseException:
+                    conn.terminate()
+                    raise
 
 
 def dsn_with_database(dsn: str, database: str) -> str:

@@ -26,7 +26,7 @@ from typing import NoReturn
 import asyncpg
 import grpc
 
-from audience.db import LOOP_FAILURES
+from audience.db import LOOP_FAILURES, session_lock
 from audience.errors import AudienceError
 from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.domain.model import Cause, Kind, SegmentState
@@ -133,17 +133,15 @@ class Backfiller:
         for dataset, segment_id, deleting in await self._segments.pending():
             if self._not_before.get((dataset, segment_id), 0.0) > time.monotonic():
                 continue
-            async with self._pool.acquire() as conn:
-                key = work_lock_key(dataset, segment_id)
-                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            async with session_lock(
+                self._pool, work_lock_key(dataset, segment_id), wait=False
+            ) as held:
+                if not held:
                     continue
-                try:
-                    if deleting:
-                        await self._delete(dataset, segment_id)
-                    else:
-                        await self._backfill(dataset, segment_id)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                if deleting:
+                    await self._delete(dataset, segment_id)
+                else:
+                    await self._backfill(dataset, segment_id)
             return True
         return False
 

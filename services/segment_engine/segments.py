@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import asyncpg
 
+from audience.db import session_lock
 from audience.errors import (
     FieldViolation,
     aborted,
@@ -440,22 +441,14 @@ class Segments:
         import_id = await self._imports.begin(dataset, segment_id)
         try:
             rejected = await self._stage(import_id, chunks)
-            async with self._pool.acquire() as lock:
-                # One whole-segment job at a time: not beside a deletion or another import.
-                await lock.execute(
-                    "SELECT pg_advisory_lock($1)", work_lock_key(dataset, segment_id)
+            # One whole-segment job at a time: not beside a deletion or another import.
+            async with session_lock(self._pool, work_lock_key(dataset, segment_id), wait=True):
+                version = await self._imports.bump_version(dataset, segment_id, self._clock())
+                if version is None:
+                    raise _not_found(dataset, segment_id)
+                joined, left = await self._apply_upload(
+                    dataset, record.kind, segment_id, version, mode, import_id
                 )
-                try:
-                    version = await self._imports.bump_version(dataset, segment_id, self._clock())
-                    if version is None:
-                        raise _not_found(dataset, segment_id)
-                    joined, left = await self._apply_upload(
-                        dataset, record.kind, segment_id, version, mode, import_id
-                    )
-                finally:
-                    await lock.execute(
-                        "SELECT pg_advisory_unlock($1)", work_lock_key(dataset, segment_id)
-                    )
         finally:
             await self._imports.end(import_id)
         return ImportResult(await self.get(dataset, segment_id), joined, left, rejected)

@@ -106,8 +106,9 @@ class ChangeNotifier:
                         await closed.wait()
                     finally:
                         conn.remove_termination_listener(terminated)
-                        if not conn.is_closed():
-                            await conn.remove_listener(NOTIFY_CHANNEL, self._received)
+                        # Not handed back to the pool with its LISTEN (the pool does not
+                        # reset sessions, audience.db.create_pool).
+                        conn.terminate()
             except LOOP_FAILURES:
                 _log.warning("change listener lost its connection; reconnecting", exc_info=True)
             self._all_changed()

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from audience.db import MigrationError, create_pool, migrate
+from audience.db import MigrationError, create_pool, migrate, session_lock
 
 pytestmark = pytest.mark.integration
 
@@ -260,3 +260,73 @@ async def test_pool_returns_json_and_jsonb_as_python_objects(pool: asyncpg.Pool)
 async def test_pool_sessions_are_named_and_in_utc(pool: asyncpg.Pool) -> None:
     assert await pool.fetchval("SHOW application_name") == "test-db"
     assert await pool.fetchval("SHOW TimeZone") == "UTC"
+
+
+async def _advisory_holders(pool: asyncpg.Pool, key: int) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND ((classid::int8 << 32) | objid::int8) = $1",
+        key,
+    )
+    return count
+
+
+async def test_a_session_lock_is_exclusive_and_released_with_its_block(
+    pool: asyncpg.Pool,
+) -> None:
+    key = uuid.uuid4().int % 2**31
+    async with session_lock(pool, key, wait=True) as held:
+        assert held
+        async with session_lock(pool, key, wait=False) as also:
+            assert not also
+        assert await _advisory_holders(pool, key) == 1
+    assert await _advisory_holders(pool, key) == 0
+    async with session_lock(pool, key, wait=False) as again:
+        assert again
+
+
+async def test_a_block_that_fails_still_releases_its_session_lock(pool: asyncpg.Pool) -> None:
+    key = uuid.uuid4().int % 2**31
+    with pytest.raises(LookupError):
+        async with session_lock(pool, key, wait=True):
+            raise LookupError("the work failed")
+    assert await _advisory_holders(pool, key) == 0
+
+
+async def test_a_session_lock_cancelled_while_waiting_leaves_no_lock_behind(
+    pool: asyncpg.Pool,
+) -> None:
+    key = uuid.uuid4().int % 2**31
+    async with session_lock(pool, key, wait=True):
+
+        async def wait_for_it() -> None:
+            async with session_lock(pool, key, wait=True):
+                raise AssertionError("granted while another session held it")
+
+        waiter = asyncio.create_task(wait_for_it())
+        await asyncio.sleep(0.2)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    # The lock's holder is gone and the waiter's connection did not keep a grant for
+    # whoever takes it from the pool next.
+    assert await _advisory_holders(pool, key) == 0
+    for _ in range(4):
+        async with pool.acquire() as conn:
+            assert not await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+                conn.get_server_pid(),
+            )
+
+
+async def test_a_released_connection_is_clean_without_a_reset_query(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            async with conn.transaction():
+                await conn.execute("SET LOCAL statement_timeout = '1s'")
+                await conn.fetchval("SELECT 1 / 0")
+        pid = conn.get_server_pid()
+    async with pool.acquire() as conn:
+        assert conn.get_server_pid() == pid
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SHOW statement_timeout") == "0"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from audience import db
 from audience.channels import Channels, ChannelSettings
@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+# Seconds a Redis command waits for a free connection before it fails as unavailable.
+_REDIS_CONNECTION_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,19 @@ class Resources:
         # No socket_timeout: redis-py then wraps every send in asyncio.wait_for, which on
         # Python 3.11 can swallow a task's cancellation (CPython gh-86296), leaving consumer
         # loops running after shutdown. TCP keepalive and health checks find dead peers.
-        redis = Redis.from_url(
-            redis_url,
-            max_connections=max(64, pool_size * 4),
-            socket_timeout=None,
-            socket_connect_timeout=5,
-            socket_keepalive=True,
-            health_check_interval=30,
+        # A blocking pool: past its connections a command waits for one to come free (up
+        # to the timeout) where the default pool fails it at once, which turned a burst of
+        # concurrent ingest calls into "the event bus is unavailable".
+        redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=max(64, pool_size * 4),
+                timeout=_REDIS_CONNECTION_WAIT,
+                socket_timeout=None,
+                socket_connect_timeout=5,
+                socket_keepalive=True,
+                health_check_interval=30,
+            )
         )
         try:
             await redis.ping()

@@ -314,3 +314,44 @@ async def test_over_the_backlog_limit_calls_fail_with_resource_exhausted_and_a_r
     assert error.reason == "INGEST_BACKLOG_FULL"
     assert error.retry_delay is not None
     assert error.retry_delay.total_seconds() >= 1
+
+
+# Keeps Redis busy for ARGV[1] milliseconds: every other client's command waits meanwhile.
+_BUSY_REDIS = """
+local start = redis.call('TIME')
+while true do
+  local now = redis.call('TIME')
+  if (now[1] - start[1]) * 1000 + (now[2] - start[2]) / 1000 > tonumber(ARGV[1]) then
+    return 1
+  end
+end
+"""
+
+
+async def test_a_burst_of_concurrent_calls_waits_for_redis_connections_rather_than_failing(
+    start_suite: StartSuite,
+) -> None:
+    # Far more calls waiting on Redis at once than the pool has connections (64 at least).
+    calls = 300
+    async with start_suite([INGEST]) as suite:
+        dataset = new_dataset()
+        busy = asyncio.ensure_future(suite.resources.redis.eval(_BUSY_REDIS, 0, "500"))
+        await asyncio.sleep(0.05)
+        responses = await asyncio.gather(
+            *(
+                stub(suite).SendEvents(
+                    ingest_service_pb2.SendEventsRequest(
+                        parent=f"datasets/{dataset}", events=[track(f"burst-{n}", user=f"u{n}")]
+                    ),
+                    timeout=30,
+                )
+                for n in range(calls)
+            ),
+            return_exceptions=True,
+        )
+        await busy
+        failed = [r for r in responses if isinstance(r, BaseException)]
+        assert failed == []
+        assert {r.results[0].status for r in responses} == {ACCEPTED}  # type: ignore[union-attr]
+        on_bus = [e for e in await events_on_bus(suite) if e.dataset == dataset]
+        assert len(on_bus) == calls

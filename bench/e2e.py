@@ -2,7 +2,7 @@
 membership change, with 1,000 segments of mixed kinds.
 
     python -m bench.e2e [--segments 1000] [--users 20000] [--rate 5000] [--seconds 20]
-                        [--events 100000] [--quick]
+                        [--batch 100] [--events 100000] [--quick]
 
 Ingest, profile and the segment engine run as their own processes (``python -m
 services.<name>``), as deployed; this process sends events (``SendEvents`` batches) and
@@ -11,8 +11,9 @@ counts), cart, segment-reference and account roll-up rules. Phases:
 
 1. Warm-up: one identify per user, so every profile exists (a new profile is evaluated
    against every segment once); waits until the pipeline has drained.
-2. Latency: events at ``--rate`` per second for ``--seconds``; for every change the
-   subscriber receives, the time from the acknowledgement of its triggering event
+2. Latency: events at ``--rate`` per second for ``--seconds``, in calls of ``--batch``
+   events (``--batch 1``: each event alone, as a storefront sends them); for every change
+   the subscriber receives, the time from the acknowledgement of its triggering event
    (``reason.event_ids``) to its arrival.
 3. Throughput: ``--events`` events sent as fast as ingest takes them (it pushes back with
    ``RESOURCE_EXHAUSTED`` when the pipeline falls behind); the rate is the events divided
@@ -81,7 +82,6 @@ DATASET = "bench"
 GOAL_EVENTS_PER_S = 25_000
 GOAL_P50_MS = 5.0
 GOAL_P99_MS = 25.0
-_BATCH = 100
 
 
 ATTRIBUTES = 30
@@ -281,11 +281,12 @@ async def _paced(
     watcher: Watcher,
     rate: int,
     seconds: float,
+    batch: int,
     users: int,
     accounts: int,
 ) -> int:
     make = EventMaker(5, users, accounts)
-    interval = _BATCH / rate
+    interval = batch / rate
     started = time.monotonic()
     sent = 0
     in_flight: set[asyncio.Task[None]] = set()
@@ -296,12 +297,12 @@ async def _paced(
             watcher.acked[event.event_id] = acked
 
     while time.monotonic() - started < seconds:
-        events = [make() for _ in range(_BATCH)]
+        events = [make() for _ in range(batch)]
         task = asyncio.create_task(one(events))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
-        sent += _BATCH
-        next_at = started + (sent / _BATCH) * interval
+        sent += batch
+        next_at = started + (sent / batch) * interval
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     await asyncio.gather(*in_flight)
     return sent
@@ -423,6 +424,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                         watcher,
                         options.rate,
                         options.seconds,
+                        options.batch,
                         options.users,
                         options.accounts,
                     )
@@ -456,6 +458,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
         "baseline_rtt_p50_ms": baseline["p50_ms"],
         "changes_timed": len(watcher.latencies),
         "rate": options.rate,
+        "batch": options.batch,
         "segments": options.segments,
         "users": options.users,
         "goal_events_per_s": GOAL_EVENTS_PER_S,
@@ -471,6 +474,7 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=1_000)
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--batch", type=int, default=100, help="Events per call when paced.")
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--echo", metavar="ADDRESS", help=argparse.SUPPRESS)
     options = parse_options(

@@ -320,11 +320,14 @@ async def test_a_session_lock_cancelled_while_waiting_leaves_no_lock_behind(
 
 
 async def test_a_released_connection_is_clean_without_a_reset_query(pool: asyncpg.Pool) -> None:
+    async def fail_with_a_local_setting(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL statement_timeout = '1s'")
+            await conn.fetchval("SELECT 1 / 0")
+
     async with pool.acquire() as conn:
         with pytest.raises(asyncpg.DivisionByZeroError):
-            async with conn.transaction():
-                await conn.execute("SET LOCAL statement_timeout = '1s'")
-                await conn.fetchval("SELECT 1 / 0")
+            await fail_with_a_local_setting(conn)
         pid = conn.get_server_pid()
     async with pool.acquire() as conn:
         assert conn.get_server_pid() == pid

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from audience import errors
 from audience.rules.aggregates import aggregate_id, canonical_spec
 from audience.streams import Bus
+from audience.v1 import event_pb2
 from services.profile.backfill import Backfiller
 from services.profile.consumer import Publisher, is_infrastructure
 from services.profile.operations import Operations
@@ -52,6 +53,13 @@ async def dead_publisher(key_prefix: str) -> AsyncIterator[Publisher]:
     redis = Redis.from_url(f"redis://127.0.0.1:{port}/0")
     yield Publisher(Bus(redis, namespace=key_prefix, partitions=PARTITIONS))
     await redis.aclose()
+
+
+async def applied(rig: Rig, dataset: str, *events: event_pb2.Event) -> None:
+    """Has the unit apply ``events`` and takes what it published off the stream."""
+    await rig.send(dataset, *events)
+    await rig.run()
+    await rig.published()
 
 
 def relay_outbox(rig: Rig) -> Outbox:
@@ -100,13 +108,12 @@ async def test_a_merge_whose_publish_failed_is_published_by_the_relay(
     rig: Rig, dead_publisher: Publisher
 ) -> None:
     dataset = new_dataset()
-    await rig.send(
+    await applied(
+        rig,
         dataset,
         event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0),
         event(user="u2", kind=E.EVENT_TYPE_PAGE, at=T0, account="acme"),
     )
-    await rig.run()
-    await rig.published()
     source_before = await sequence_of(rig, dataset, "u2")
 
     with pytest.raises(RedisError) as raised:
@@ -150,9 +157,7 @@ async def test_an_erasure_whose_publish_failed_is_published_by_the_relay(
     rig: Rig, dead_publisher: Publisher
 ) -> None:
     dataset = new_dataset()
-    await rig.send(dataset, event(user="u7", kind=E.EVENT_TYPE_PAGE, at=T0, account="acme"))
-    await rig.run()
-    await rig.published()
+    await applied(rig, dataset, event(user="u7", kind=E.EVENT_TYPE_PAGE, at=T0, account="acme"))
     before = await sequence_of(rig, dataset, "u7")
 
     with pytest.raises(RedisError) as raised:
@@ -179,13 +184,12 @@ async def test_a_merge_that_publishes_leaves_the_outbox_empty_and_publishes_once
     rig: Rig,
 ) -> None:
     dataset = new_dataset()
-    await rig.send(
+    await applied(
+        rig,
         dataset,
         event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0),
         event(user="u2", kind=E.EVENT_TYPE_PAGE, at=T0),
     )
-    await rig.run()
-    await rig.published()
 
     await rig.operations().merge(dataset, "u1", ["u2"])
 
@@ -200,14 +204,13 @@ async def test_a_backfill_page_whose_publish_failed_is_published_with_the_curren
     rig: Rig, dead_publisher: Publisher
 ) -> None:
     dataset = new_dataset()
-    await rig.send(
+    await applied(
+        rig,
         dataset,
         event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0),
         event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0 + timedelta(minutes=1)),
         event(user="u2", name="signup", at=T0),
     )
-    await rig.run()
-    await rig.published()
     spec = canonical_spec(count_spec("page_view"))
     spec.aggregate_id = aggregate_id(spec)
     await Registry(rig.pool).register(dataset, [spec])
@@ -229,9 +232,9 @@ async def test_a_backfill_page_whose_publish_failed_is_published_with_the_curren
         pass
     assert [c for c in await rig.published() if c.dataset == dataset] == []
     # Meanwhile u1 moves on: the relay publishes its view as it is now.
-    await rig.send(dataset, event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0 + timedelta(hours=1)))
-    await rig.run()
-    await rig.published()
+    await applied(
+        rig, dataset, event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0 + timedelta(hours=1))
+    )
 
     await relay_all(rig)
 
@@ -247,14 +250,13 @@ async def test_an_updated_subject_gone_since_is_not_published(
     rig: Rig, dead_publisher: Publisher
 ) -> None:
     dataset = new_dataset()
-    await rig.send(
+    await applied(
+        rig,
         dataset,
         event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0),
         event(user="u2", kind=E.EVENT_TYPE_PAGE, at=T0),
         event(user="u3", kind=E.EVENT_TYPE_PAGE, at=T0),
     )
-    await rig.run()
-    await rig.published()
     with pytest.raises(RedisError) as raised:
         await failing_operations(rig, dead_publisher).merge(dataset, "u1", ["u2"])
     assert is_infrastructure(raised.value)
@@ -273,13 +275,12 @@ async def test_replicas_relay_each_change_once_and_take_over_a_dead_relays_rows(
     rig: Rig, dead_publisher: Publisher
 ) -> None:
     dataset = new_dataset()
-    await rig.send(
+    await applied(
+        rig,
         dataset,
         event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0),
         event(user="u2", kind=E.EVENT_TYPE_PAGE, at=T0),
     )
-    await rig.run()
-    await rig.published()
     with pytest.raises(RedisError):
         await failing_operations(rig, dead_publisher).merge(dataset, "u1", ["u2"])
     backdate = "UPDATE profile.outbox SET record_time = record_time - interval '1 hour'"

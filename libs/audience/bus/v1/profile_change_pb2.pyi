@@ -123,9 +123,10 @@ class ProfileChange(_message.Message):
         device changed; `lifetime` when lifetime value or order count changed; `seen` when
         first or last seen changed; `account` when the user's account changed;
         `aggregates` when aggregates were re-registered or backfilled. A change with no
-        `event_ids` and no keys repeats the subject's view at the same sequence (a redelivered
-        batch changed nothing); a consumer that has not seen that sequence evaluates it whole,
-        since the keys of the publish it repeats were lost with it.
+        `event_ids` and no keys repeats the subject's view (a redelivered batch changed
+        nothing, or the outbox relay republishes a change whose publish was lost); a consumer
+        that has not seen that sequence evaluates it whole, since the keys of the publish it
+        repeats were lost with it.
         """
 
     @_builtins.property

@@ -28,6 +28,7 @@ would read one partition, with a cluster client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -80,6 +81,10 @@ end
 _MAX_SEQ = 2**64 - 1
 
 _EntryId = tuple[int, int]
+
+# Seconds between a cancelled read's CLIENT UNBLOCKs: one sent before Redis started the
+# read's wait does nothing, so it is sent again until the read ends.
+_UNBLOCK_RETRY = 0.05
 
 _T = TypeVar("_T")
 
@@ -166,11 +171,12 @@ class Delivery:
 
 
 def _raise_if_cancelled() -> None:
-    """Raises the current task's cancellation if something swallowed it.
+    """Raises the current task's cancellation if it was requested but not raised.
 
-    Python 3.11's ``asyncio.wait_for``, which redis-py sends commands through when a socket
-    timeout is set (as by default), can swallow a cancellation that arrives as the command
-    completes (CPython gh-86296, fixed in 3.12): a loop around the bus would never stop.
+    :meth:`Consumer.read` returns what it read when cancelled, and Python 3.11's
+    ``asyncio.wait_for``, which redis-py sends commands through when a socket timeout is
+    set (as by default), can swallow a cancellation that arrives as the command completes
+    (CPython gh-86296, fixed in 3.12): either way a loop around the bus would never stop.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
@@ -184,9 +190,8 @@ async def run_to_end(step: Awaitable[_T]) -> _T:
     A consumer handles and acknowledges what it read this way. Cancelled halfway, at a
     SIGTERM, it would leave those entries pending under its own consumer name; the process
     that replaces it (a new pod, a new name) does not resume them but takes them over
-    only after ``claim_idle``, behind the entries read since. The read itself stays
-    cancellable, so stopping never waits out its block time: only an entry whose reply
-    was on its way as the read was cancelled is left to ``claim_idle``.
+    only after ``claim_idle``, behind the entries read since. :meth:`Consumer.read` keeps
+    the same promise for the read itself.
     """
     task = asyncio.ensure_future(step)
     try:
@@ -514,6 +519,8 @@ class Consumer:
         # XAUTOCLAIM cursor per stream still being swept; empty between sweeps.
         self._claiming: dict[str, str] = {}
         self._next_sweep = 0.0
+        # Redis's id for the connection of a read waiting for new entries; None otherwise.
+        self._waiting_client: int | None = None
 
     @property
     def partitions(self) -> list[int]:
@@ -522,13 +529,25 @@ class Consumer:
     async def read(self) -> list[Delivery]:
         """Returns the next deliveries, up to ``count`` per partition; empty if none came.
 
-        A cancellation of the calling task is raised even when it was swallowed under the
-        read (see ``_raise_if_cancelled``); the entries read then stay pending, to be
-        delivered again.
+        Cancelled, a read still returns what Redis handed it, and the caller's next read
+        raises the cancellation: entries Redis assigned to this consumer as the read was
+        cancelled would otherwise stay pending under a name that a stopping process never
+        uses again, until another consumer took them over after ``claim_idle``. A read
+        waiting for new entries is ended at once (``CLIENT UNBLOCK``), so stopping does not
+        wait out ``block``. Cancelled again while it finishes, the read gives up and its
+        entries are left to ``claim_idle``.
         """
-        deliveries = await self._next()
         _raise_if_cancelled()
-        return deliveries
+        step = asyncio.ensure_future(self._next())
+        try:
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            while not step.done():
+                if self._waiting_client is not None:
+                    with contextlib.suppress(RedisError):
+                        await self.bus.redis.client_unblock(self._waiting_client)
+                await asyncio.wait([step], timeout=_UNBLOCK_RETRY)
+            return step.result()
 
     async def _next(self) -> list[Delivery]:
         if self._history:
@@ -541,16 +560,56 @@ class Consumer:
             deliveries = await self._claim()
             if deliveries:
                 return deliveries
-        response = await self.bus.redis.xreadgroup(
-            self.group,
-            self.name,
-            dict.fromkeys(self._keys, ">"),
-            count=self.count,
-            block=max(1, round(self.block * 1000)),
-        )
+        return await self._read_new()
+
+    async def _read_new(self) -> list[Delivery]:
+        """``XREADGROUP`` of new entries, waiting up to ``block``, on a connection whose
+        Redis client id :meth:`read` knows while it waits, to end the wait if cancelled.
+
+        The id is asked in the same round trip (``CLIENT ID`` ahead of the read), as a
+        reconnection changes it.
+        """
+        command = [
+            ("CLIENT", "ID"),
+            (
+                "XREADGROUP",
+                "GROUP",
+                self.group,
+                self.name,
+                "COUNT",
+                self.count,
+                "BLOCK",
+                max(1, round(self.block * 1000)),
+                "STREAMS",
+                *self._keys,
+                *[">"] * len(self._keys),
+            ),
+        ]
+        pool = self.bus.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+
+            async def exchange() -> Any:
+                await connection.send_packed_command(connection.pack_commands(command))
+                self._waiting_client = await connection.read_response()
+                try:
+                    return await connection.read_response()
+                finally:
+                    self._waiting_client = None
+
+            async def disconnect(error: Exception) -> None:
+                await connection.disconnect()
+
+            # Retried as redis-py retries a command: on a lost connection, anew.
+            response = await connection.retry.call_with_retry(exchange, disconnect)
+        finally:
+            await pool.release(connection)
+        # Raw, the reply is a map of streams under RESP3 (redis-py 8 speaks it when it can)
+        # and a list of pairs under RESP2.
+        streams = response.items() if isinstance(response, dict) else response or []
         return [
-            self._delivery(stream, entry_id, fields, 1)
-            for stream, entries in _stream_entries(response)
+            self._delivery(stream, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)), 1)
+            for stream, entries in streams
             for entry_id, fields in entries
         ]
 

@@ -414,3 +414,49 @@ async def test_backlog_counts_unacknowledged_and_unread_entries_exactly(bus: Bus
     assert await bus.backlog(TOPIC, "audit") == 3
     with pytest.raises(LookupError):
         await bus.backlog(TOPIC, "undeclared")
+
+
+async def test_a_read_cancelled_as_its_entries_arrive_returns_them_then_raises(
+    bus: Bus, client: Redis
+) -> None:
+    # A stopping service cancels its consumer; entries Redis handed to a read that was
+    # being cancelled would stay pending under a name no process uses again, until another
+    # consumer took them over after claim_idle (a minute by default).
+    await bus.declare(TOPIC, ["profile"])
+    reader = consumer(bus, "profile", "profile-old", block=5.0)
+    read_back: list[Delivery] = []
+
+    async def consume() -> None:
+        while True:
+            deliveries = await reader.read()
+            read_back.extend(deliveries)
+            await reader.ack(deliveries)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.1)
+    published = await bus.publish(TOPIC, "dataset-1/user-1", b"arriving")
+    # Redis served the waiting read before answering the publish: its reply is on its way.
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=3)
+
+    assert done
+    assert task.cancelled()
+    assert [d.entry_id for d in read_back] == [published]
+    summary = await client.xpending(
+        bus.stream_key(TOPIC, bus.partition_of("dataset-1/user-1")), "profile"
+    )
+    assert summary["pending"] == 0
+
+
+async def test_a_read_waiting_on_an_empty_stream_stops_at_once_when_cancelled(bus: Bus) -> None:
+    await bus.declare(TOPIC, ["profile"])
+    reader = consumer(bus, "profile", "profile-0", block=30.0)
+    task = asyncio.create_task(reader.read())
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=3)
+
+    assert done, "the read went on waiting after being cancelled"
+    assert time.monotonic() - started < 1.0
+    assert task.cancelled() or task.result() == []

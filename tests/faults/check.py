@@ -298,6 +298,8 @@ class Verdict:
     lost: int = 0
     lost_examples: list[str] = field(default_factory=list)
     double_applied: int = 0
+    erasure_leaks: int = 0
+    erasure_leak_examples: list[str] = field(default_factory=list)
     mismatches: int = 0
     mismatch_examples: list[str] = field(default_factory=list)
     gaps: int = 0
@@ -327,6 +329,7 @@ async def judge(
     engine: grpc.aio.Channel,
     subscriber: Subscriber,
     acknowledged: set[str],
+    erased: set[str],
     account_markers: Mapping[str, set[str]],
     deleted: Sequence[str],
     say: Callable[[str], None],
@@ -346,6 +349,9 @@ async def judge(
     # Lost and twice-applied events.
     applied: Counter[str] = Counter(event_id for history in histories for event_id in history)
     verdict.double_applied = sum(1 for count in applied.values() if count > 1)
+    leaks = sorted(erased.intersection(applied))
+    verdict.erasure_leaks = len(leaks)
+    verdict.erasure_leak_examples = leaks[:10]
     markers_seen = {a.name.rsplit("/", 1)[1]: set(a.attributes) for a in accounts}
     marker_events = {
         marker.removeprefix("update_"): account

@@ -33,13 +33,15 @@ from audience.v1 import (
     event_pb2,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
+    profile_service_pb2,
+    profile_service_pb2_grpc,
     segment_pb2,
     segment_service_pb2,
     segment_service_pb2_grpc,
 )
 from tests.faults.workload import PARENT, Edit, PlannedEvent, SegmentSpec, segment_name
 
-__all__ = ["Ingestor", "SegmentEditor", "SendStats", "service_failure"]
+__all__ = ["Ingestor", "ProfileEditor", "SegmentEditor", "SendStats", "service_failure"]
 
 RETRYABLE = frozenset(
     {
@@ -190,11 +192,10 @@ class Ingestor:
                 return
 
 
-class SegmentEditor:
-    """Creates, changes and deletes segments, each retried until it has taken effect."""
+class _Editor:
+    """Makes changes through a service's API, each retried until it has taken effect."""
 
-    def __init__(self, channel: grpc.aio.Channel, say: Callable[[str], None]) -> None:
-        self._stub = segment_service_pb2_grpc.SegmentServiceStub(channel)
+    def __init__(self, say: Callable[[str], None]) -> None:
         self._say = say
         self.failed_calls: Counter[str] = Counter()
         self.unexpected: list[str] = []
@@ -218,6 +219,14 @@ class SegmentEditor:
                 self._say(f"  {what} ({time.monotonic() - started:.1f} s)")
                 return
         self.unexpected.append(f"{what}: gave up")
+
+
+class SegmentEditor(_Editor):
+    """Creates, changes and deletes segments."""
+
+    def __init__(self, channel: grpc.aio.Channel, say: Callable[[str], None]) -> None:
+        super().__init__(say)
+        self._stub = segment_service_pb2_grpc.SegmentServiceStub(channel)
 
     async def _get(self, segment_id: str) -> segment_pb2.Segment | None:
         try:
@@ -304,3 +313,58 @@ class SegmentEditor:
             await self.update(edit.spec)
         else:
             await self.delete(edit.spec)
+
+
+class ProfileEditor(_Editor):
+    """Erases and merges profiles, as a privacy request or a support agent would."""
+
+    def __init__(self, channel: grpc.aio.Channel, say: Callable[[str], None]) -> None:
+        super().__init__(say)
+        self._stub = profile_service_pb2_grpc.ProfileServiceStub(channel)
+        self.erased: list[str] = []
+        self.merged: list[tuple[str, str]] = []
+
+    async def erase(self, user_id: str) -> None:
+        async def once() -> bool:
+            try:
+                await self._stub.EraseProfile(
+                    profile_service_pb2.EraseProfileRequest(name=_profile(user_id)),
+                    timeout=_CALL_TIMEOUT,
+                )
+            except grpc.aio.AioRpcError as error:
+                # No events of the user applied yet, or a retry of an erasure whose reply
+                # was lost: either way nothing of the profile is left.
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return True
+            self.erased.append(user_id)
+            return True
+
+        await self._retrying(f"erase {user_id}", once)
+
+    async def merge(self, source: str, target: str) -> None:
+        async def once() -> bool:
+            try:
+                await self._stub.MergeProfiles(
+                    profile_service_pb2.MergeProfilesRequest(
+                        target=_profile(target), sources=[_profile(source)]
+                    ),
+                    timeout=_CALL_TIMEOUT,
+                )
+            except grpc.aio.AioRpcError as error:
+                # Either profile not there yet, or a retry of a merge whose reply was lost
+                # (the source is gone).
+                if error.code() not in (
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                ):
+                    raise
+                return True
+            self.merged.append((source, target))
+            return True
+
+        await self._retrying(f"merge {source} into {target}", once)
+
+
+def _profile(user_id: str) -> str:
+    return f"{PARENT}/profiles/{user_id}"

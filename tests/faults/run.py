@@ -34,16 +34,19 @@ from audience.config import CommonConfig
 from audience.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from tests.faults.check import drain, judge
 from tests.faults.cluster import SERVICES, Cluster
-from tests.faults.driver import Ingestor, SegmentEditor, SendStats
+from tests.faults.driver import Ingestor, ProfileEditor, SegmentEditor, SendStats
 from tests.faults.subscriber import Subscriber
 from tests.faults.workload import (
     EDITS,
+    ERASE_AT,
     INITIAL_SEGMENTS,
     LONG,
+    MERGE_AT,
     PARENT,
     SHORT,
     PlannedEvent,
     Scale,
+    Workload,
     flood_events,
     plan_workload,
     segment_name,
@@ -178,13 +181,24 @@ class _Run:
         self.say(f"  workload sent in {time.monotonic() - started:.1f} s")
         self.send_done.set()
 
+    async def _sent(self, share: float, total: int) -> None:
+        """Returns once ``share`` of the ``total`` sends are done."""
+        async with self.progress:
+            while self.sent < share * total:
+                await self.progress.wait()
+
     async def edits(self, editor: SegmentEditor, total: int) -> None:
         for edit in EDITS:
-            wanted = edit.at * total
-            async with self.progress:
-                while self.sent < wanted:
-                    await self.progress.wait()
+            await self._sent(edit.at, total)
             await editor.apply(edit)
+
+    async def profile_edits(self, editor: ProfileEditor, workload: Workload) -> None:
+        await self._sent(ERASE_AT, len(workload.events))
+        for user in workload.erasures:
+            await editor.erase(user)
+        await self._sent(MERGE_AT, len(workload.events))
+        for source, target in workload.merges:
+            await editor.merge(source, target)
 
     # Faults.
 
@@ -317,6 +331,7 @@ class _Run:
             f" {len(EDITS)} edits"
         )
         editor = SegmentEditor(self.channels["segment_engine"], self.say)
+        profile_editor = ProfileEditor(self.channels["profile"], self.say)
         subscriber = Subscriber(self.channels["segment_engine"], start_time=now - 1_000_000)
         watching = asyncio.create_task(subscriber.run())
         tasks: list[asyncio.Task[None]] = []
@@ -326,6 +341,7 @@ class _Run:
             tasks = [
                 asyncio.create_task(self.send(workload.events)),
                 asyncio.create_task(self.edits(editor, len(workload.events))),
+                asyncio.create_task(self.profile_edits(profile_editor, workload)),
                 asyncio.create_task(self.inject(subscriber)),
             ]
             await asyncio.gather(*tasks)
@@ -342,11 +358,18 @@ class _Run:
             finally:
                 await redis.aclose()
             acknowledged = self.stats.acknowledged | self.flood_stats.acknowledged
+            # Events naming a user who was erased: gone, or never applied. Those naming
+            # the user's own id must be in no history once the erasure answered.
+            erased = set(profile_editor.erased)
+            must_be_gone = {
+                planned.event_id for planned in workload.events if planned.event.user_id in erased
+            }
             verdict = await judge(
                 self.channels["profile"],
                 self.channels["segment_engine"],
                 subscriber,
-                acknowledged,
+                acknowledged - workload.erased_events(),
+                must_be_gone,
                 workload.account_markers,
                 [segment_name(e.spec.segment_id) for e in EDITS if e.action == "delete"],
                 self.say,
@@ -364,6 +387,8 @@ class _Run:
             *(f"unexpected: {e}" for e in self.stats.unexpected + self.flood_stats.unexpected),
             *(f"rejected: {e}" for e in (self.stats.rejected + self.flood_stats.rejected)[:10]),
             *(f"segment edit: {e}" for e in editor.unexpected),
+            *(f"profile edit: {e}" for e in profile_editor.unexpected),
+            *(f"erasure leak: {e}" for e in verdict.erasure_leak_examples),
             *(f"subscriber: {e}" for e in subscriber.unexpected),
             *(
                 f"{e.service} exited with {e.code}: ...{e.log_tail[-600:]}"
@@ -383,12 +408,19 @@ class _Run:
             "peak_rss_mb": round(peak / _MB, 1),
             "faults": dict(sorted(self.faults.items())),
             "double_applied": verdict.double_applied,
+            "erasure_leaks": verdict.erasure_leaks,
+            "profile_edits": {
+                "erased": len(profile_editor.erased),
+                "merged": len(profile_editor.merged),
+                "planned": len(workload.erasures) + len(workload.merges),
+            },
             "sql_disagreements": verdict.sql_disagreements,
             "failed_events": failed,
             "rejected": len(self.stats.rejected) + len(self.flood_stats.rejected),
             "unexpected_errors": len(self.stats.unexpected)
             + len(self.flood_stats.unexpected)
             + len(editor.unexpected)
+            + len(profile_editor.unexpected)
             + len(subscriber.unexpected),
             "service_exits": dict(Counter(e.service for e in self.cluster.exits)),
             "events": {

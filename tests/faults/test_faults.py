@@ -50,6 +50,7 @@ async def test_faults_lose_no_event_and_leave_memberships_as_the_oracle_says(
             "gaps",
             "order_violations",
             "double_applied",
+            "erasure_leaks",
             "sql_disagreements",
             "failed_events",
             "rejected",

@@ -7,6 +7,9 @@ client's ``sent_at``, so ingest corrects it). A share of the event times sit jus
 the 30-minute, 1-hour and 2-hour windows of the rules, so those windows close on them
 while the test runs and the segment engine's timers move members with no event at all.
 
+While events flow, a few users are erased (their later events must be suppressed) and a
+few pairs of users are merged explicitly (their histories must survive as one).
+
 The segments cover every kind of condition the engine evaluates differently: attributes,
 session and context columns, windows (sliding, all time, "did not"), campaigns, days
 since, random buckets, references to other segments (two levels), and account segments
@@ -29,8 +32,10 @@ from audience.v1 import common_pb2, event_pb2, segment_pb2
 __all__ = [
     "DATASET",
     "EDITS",
+    "ERASE_AT",
     "INITIAL_SEGMENTS",
     "LONG",
+    "MERGE_AT",
     "PARENT",
     "SHORT",
     "Edit",
@@ -51,6 +56,11 @@ _ACCOUNT = segment_pb2.SEGMENT_KIND_ACCOUNT
 _MINUTE = 60_000_000
 _HOUR = 60 * _MINUTE
 _DAY = 24 * _HOUR
+
+
+# The shares of the sends after which the erasures and the merges are made.
+ERASE_AT = 0.45
+MERGE_AT = 0.55
 
 
 def segment_name(segment_id: str) -> str:
@@ -84,6 +94,8 @@ class Scale:
     flood_events: int
     floods: int
     senders: int
+    profile_edits: int = 3
+    """Users erased, and pairs of users merged, while the events flow."""
     anonymous_share: float = 0.35
     account_share: float = 0.6
     duplicate_share: float = 0.05
@@ -110,6 +122,7 @@ LONG = Scale(
     flood_events=80_000,
     floods=2,
     senders=6,
+    profile_edits=12,
 )
 
 
@@ -221,7 +234,8 @@ class PlannedEvent:
 @dataclass
 class Workload:
     """What the driver sends: events in sending order (duplicates included) and the
-    account updates' trait keys, by which the test checks that none was lost."""
+    account updates' trait keys, by which the test checks that none was lost; and the
+    profile edits made while they are sent."""
 
     events: list[PlannedEvent]
     unique_events: int
@@ -229,6 +243,21 @@ class Workload:
     anonymous_visitors: int
     accounts: int
     account_markers: dict[str, set[str]] = field(default_factory=dict)
+    erasures: list[str] = field(default_factory=list)
+    """Users erased once ``ERASE_AT`` of the sends are done."""
+    merges: list[tuple[str, str]] = field(default_factory=list)
+    """(source, target) users merged once ``MERGE_AT`` of the sends are done."""
+
+    def erased_events(self) -> set[str]:
+        """The events that name an erased user, or the visitor id such a user had: each
+        was erased with its profile or suppressed, unless a visitor's event was applied to
+        a profile of its own before an identify linked the two."""
+        names = {*self.erasures, *(_visitor_of(user) for user in self.erasures)}
+        return {
+            planned.event_id
+            for planned in self.events
+            if planned.event.user_id in names or planned.event.anonymous_id in names
+        }
 
 
 def _set_time(target: timestamp_pb2.Timestamp, micros: int) -> None:
@@ -362,8 +391,8 @@ class _Planner:
 
     def user(self, index: int, account: str | None) -> tuple[list[PlannedEvent], bool]:
         rng = self.rng
-        user_id = f"u{index:05d}"
-        anonymous = f"a{index:05d}" if rng.random() < self.scale.anonymous_share else None
+        user_id = _user_id(index)
+        anonymous = _visitor_of(user_id) if rng.random() < self.scale.anonymous_share else None
         skew = rng.randrange(-3 * _HOUR, 3 * _HOUR) if rng.random() < 0.7 else None
         country = rng.choice(_COUNTRIES)
         device = rng.choice(_DEVICES)
@@ -411,6 +440,14 @@ class _Planner:
         return PlannedEvent(event, self.now - rng.randrange(0, 2 * _DAY), None)
 
 
+def _user_id(index: int) -> str:
+    return f"u{index:05d}"
+
+
+def _visitor_of(user_id: str) -> str:
+    return "a" + user_id[1:]
+
+
 def plan_workload(seed: int, scale: Scale, now: int) -> Workload:
     """The events to send, in sending order, for ``seed`` at ``scale``; ``now`` in µs."""
     rng = random.Random(seed)
@@ -431,7 +468,20 @@ def plan_workload(seed: int, scale: Scale, now: int) -> Workload:
     rng.shuffle(events)
     for original in rng.sample(events, round(unique * scale.duplicate_share)):
         events.insert(rng.randrange(len(events) + 1), original)
-    return Workload(events, unique, scale.users, anonymous, len(accounts), markers)
+    # Drawn apart from the events, so a seed sends what it sent before these edits.
+    edited = random.Random(seed * 31 + 7).sample(range(scale.users), 3 * scale.profile_edits)
+    users = [_user_id(index) for index in edited]
+    edits = scale.profile_edits
+    return Workload(
+        events,
+        unique,
+        scale.users,
+        anonymous,
+        len(accounts),
+        markers,
+        erasures=users[:edits],
+        merges=list(zip(users[edits : 2 * edits], users[2 * edits :], strict=True)),
+    )
 
 
 def flood_events(round_index: int, profiles: int) -> Iterator[event_pb2.Event]:

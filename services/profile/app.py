@@ -66,7 +66,9 @@ async def build(resources: Resources) -> ServiceUnit:
     memberships = Memberships(
         resources.channels, str(config.segment_engine), config.segment_timeout.total_seconds()
     )
-    servicer = ProfileServicer(Operations(applier, publisher, memberships))
+    servicer = ProfileServicer(
+        Operations(applier, publisher, memberships, backfill_queued=backfiller.wake)
+    )
 
     async def trim() -> None:
         await bus.trim_forever({PROFILE_CHANGES: PROFILE_CHANGES_GROUPS})

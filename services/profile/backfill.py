@@ -17,6 +17,7 @@ database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -61,10 +62,17 @@ class Backfiller:
         self.pause = pause
         self.idle = idle
         self._clock = clock
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Looks for work now: a backfill was queued in this process. (One queued by
+        another replica is found within ``idle``.)"""
+        self._wake.set()
 
     async def run(self) -> None:
         """Backfills until cancelled, waiting out infrastructure failures."""
         while True:
+            self._wake.clear()
             try:
                 busy = await self.step()
             except Exception as error:
@@ -72,7 +80,11 @@ class Backfiller:
                     raise
                 _log.warning("backfill: %s: %s; retrying", type(error).__name__, error)
                 busy = False
-            await asyncio.sleep(self.pause if busy else self.idle)
+            if busy:
+                await asyncio.sleep(self.pause)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.idle)
 
     async def step(self) -> bool:
         """Backfills one page; returns whether there was anything to do."""

@@ -106,8 +106,10 @@ class Operations:
         publisher: Publisher,
         memberships: Memberships,
         *,
+        backfill_queued: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``backfill_queued`` is called when a registration queued a backfill."""
         pool = applier.store.pool
         self.applier = applier
         self.store = applier.store
@@ -117,6 +119,7 @@ class Operations:
         self.query = ProfileQuery(pool)
         self.outbox = Outbox(self.store, publisher, clock=clock)
         self.memberships = memberships
+        self._backfill_queued = backfill_queued
         self._clock = clock
 
     def now(self) -> int:
@@ -289,7 +292,10 @@ class Operations:
     async def register(
         self, dataset: str, specs: Sequence[profile_pb2.AggregateSpec]
     ) -> list[profile_pb2.AggregateSpec]:
-        return await self.registry.register(dataset, specs)
+        registered = await self.registry.register(dataset, specs)
+        if any(spec.state == profile_pb2.AggregateSpec.STATE_BACKFILLING for spec in registered):
+            self._backfill_queued()
+        return registered
 
     async def aggregates(
         self, dataset: str, *, page_size: int, page_token: str

@@ -40,6 +40,7 @@ from services.profile.operations import Operations
 from services.profile.prune import Pruner
 from services.profile.store import AGGREGATE_READY, ProfileStore, Registry
 from tests.e2e.conftest import new_dataset
+from tests.integration.export.peers import eventually
 from tests.profile_support import T0, E, batch, changes, count_spec, event, micros
 
 pytestmark = pytest.mark.integration
@@ -714,6 +715,40 @@ async def test_a_new_aggregate_is_backfilled_from_the_history(rig: Rig) -> None:
     )
     await rig.run()
     assert await rig.buckets(dataset, "u1") == {quantity: (4, 6.0)}
+
+
+async def test_a_registration_starts_its_backfill_at_once_not_at_the_next_poll(rig: Rig) -> None:
+    # A segment needing a new aggregate waits for its backfill before it is active.
+    dataset = new_dataset()
+    await rig.send(dataset, event(user="u1", kind=E.EVENT_TYPE_PAGE, at=T0))
+    await rig.run()
+    backfiller = Backfiller(
+        rig.store, Registry(rig.pool), Publisher(rig.bus), SESSION, page_size=50, pause=0, idle=60
+    )
+    channels = Channels(ChannelSettings.from_env({}, CommonConfig.from_env({})))
+    operations = Operations(
+        rig.worker.applier,
+        Publisher(rig.bus),
+        Memberships(channels, "127.0.0.1:1", 0.1),
+        backfill_queued=backfiller.wake,
+    )
+    running = asyncio.create_task(backfiller.run())
+    try:
+        await asyncio.sleep(0.2)  # its first look found nothing: it sleeps for a minute
+        spec = canonical_spec(count_spec("page_view"))
+        spec.aggregate_id = aggregate_id(spec)
+        [registered] = await operations.register(dataset, [spec])
+        assert registered.state == profile_pb2.AggregateSpec.STATE_BACKFILLING
+
+        async def ready() -> bool:
+            specs = await Registry(rig.pool).page(dataset, "", 10)
+            return [s.state for s in specs] == [AGGREGATE_READY]
+
+        await eventually(ready, within=10)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert await rig.buckets(dataset, "u1") == {spec.aggregate_id: (1, 0.0)}
 
 
 async def test_buckets_past_retention_are_pruned(rig: Rig) -> None:

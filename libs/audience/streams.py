@@ -591,9 +591,14 @@ class Consumer:
 
             async def exchange() -> Any:
                 await connection.send_packed_command(connection.pack_commands(command))
-                self._waiting_client = await connection.read_response()
                 try:
+                    self._waiting_client = await connection.read_response()
                     return await connection.read_response()
+                except BaseException:
+                    # The read's reply may still be on its way: no other command may
+                    # take this connection and read it as its own.
+                    await connection.disconnect()
+                    raise
                 finally:
                     self._waiting_client = None
 

@@ -249,9 +249,11 @@ class Workload:
     """(source, target) users merged once ``MERGE_AT`` of the sends are done."""
 
     def erased_events(self) -> set[str]:
-        """The events that name an erased user, or the visitor id such a user had: each
-        was erased with its profile or suppressed, unless a visitor's event was applied to
-        a profile of its own before an identify linked the two."""
+        """The events that name a user to erase, or that user's visitor id: each may be
+        gone, erased with the profile or suppressed after it, so the loss check passes
+        them over. (One may also be kept: a visitor's event applied to a profile of its
+        own before an identify linked the two, or any event when the profile did not
+        exist yet at the erasure.)"""
         names = {*self.erasures, *(_visitor_of(user) for user in self.erasures)}
         return {
             planned.event_id

@@ -82,6 +82,25 @@ _MAX_SEQ = 2**64 - 1
 
 _EntryId = tuple[int, int]
 
+# KEYS[1]: a stream; ARGV[1]: a group on it; ARGV[2]: milliseconds.
+# Deletes the group's consumers that hold no pending entry and have not read for ARGV[2]
+# ms; returns how many. In one script, so a consumer cannot read between the check and the
+# delete (a deleted consumer's pending entries would be dropped with it).
+_FORGET_CONSUMERS = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do
+    info[consumer[i]] = consumer[i + 1]
+  end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 # Seconds between a cancelled read's CLIENT UNBLOCKs: one sent before Redis started the
 # read's wait does nothing, so it is sent again until the read ends.
 _UNBLOCK_RETRY = 0.05
@@ -257,6 +276,7 @@ class Bus:
         self.namespace = namespace
         self.partitions = partitions
         self._count_after = redis.register_script(_COUNT_AFTER)
+        self._forget_consumers = redis.register_script(_FORGET_CONSUMERS)
 
     def stream_key(self, topic: str, partition: int) -> str:
         """Returns the stream key of one of this bus's partitions."""
@@ -431,23 +451,57 @@ class Bus:
                 pipe.xtrim(key, minid=f"{ms}-{seq}", approximate=False)
             return sum(int(n) for n in await pipe.execute())
 
+    async def forget_consumers(self, topic: str, groups: Collection[str], idle: float) -> int:
+        """Deletes the consumers of a topic's groups that hold no pending entry and have
+        not read for ``idle`` seconds; returns how many.
+
+        Every replica that ever started left its consumer names in the groups (a new pod
+        has a new name), and Redis keeps a consumer until it is deleted. A live consumer
+        reads every few seconds, and one holding entries is never deleted, so an ``idle``
+        of an hour takes only the dead; one that reads again is made anew by its read.
+        """
+        keys = [self.stream_key(topic, p) for p in range(self.partitions)]
+        removed = 0
+        for key, found in zip(keys, await self._group_infos(keys), strict=True):
+            for group in groups:
+                if found is not None and group in found:
+                    forgotten = await self._forget_consumers(
+                        keys=[key], args=[group, round(idle * 1000)]
+                    )
+                    removed += int(forgotten)
+        return removed
+
     async def trim_forever(
-        self, topics: Mapping[str, Collection[str]], *, interval: float = 30.0
+        self,
+        topics: Mapping[str, Collection[str]],
+        *,
+        interval: float = 30.0,
+        forget_after: float = 3600.0,
     ) -> NoReturn:
-        """Trims topics every ``interval`` seconds until cancelled; Redis errors are logged.
+        """Trims topics every ``interval`` seconds until cancelled, and forgets their dead
+        consumers (:meth:`forget_consumers` after ``forget_after`` seconds); Redis errors
+        are logged.
 
         Args:
             topics: each topic with the groups declared on it.
             interval: seconds between passes.
+            forget_after: seconds a consumer with nothing pending may go without reading
+                before it is deleted.
         """
         while True:
             for topic, groups in topics.items():
                 try:
                     removed = await self.trim(topic, groups)
+                    forgotten = await self.forget_consumers(topic, groups, forget_after)
                 except RedisError:
                     _log.warning("trimming topic %s failed; will retry", topic, exc_info=True)
                 else:
-                    _log.debug("trimmed %d entries from topic %s", removed, topic)
+                    _log.debug(
+                        "trimmed %d entries from topic %s; forgot %d consumers",
+                        removed,
+                        topic,
+                        forgotten,
+                    )
                 _raise_if_cancelled()
             await asyncio.sleep(interval)
 

@@ -460,3 +460,35 @@ async def test_a_read_waiting_on_an_empty_stream_stops_at_once_when_cancelled(bu
     assert done, "the read went on waiting after being cancelled"
     assert time.monotonic() - started < 1.0
     assert task.cancelled() or task.result() == []
+
+
+async def test_consumers_gone_quiet_with_nothing_pending_are_forgotten(
+    bus: Bus, client: Redis
+) -> None:
+    await bus.declare(TOPIC, ["profile"])
+    await bus.publish(TOPIC, "dataset-1/user-1", b"one")
+    done = consumer(bus, "profile", "old-pod-0")
+    await done.ack(await read_all(done))
+    holding = consumer(bus, "profile", "old-pod-1")
+    await bus.publish(TOPIC, "dataset-1/user-1", b"two")
+    assert await holding.read()  # never acknowledged: the pod died holding it
+    await asyncio.sleep(0.4)
+    live = consumer(bus, "profile", "new-pod-0")
+    await live.read()
+
+    forgotten = await bus.forget_consumers(TOPIC, ["profile", "no-such-group"], idle=0.3)
+
+    # A consumer is a member of each partition's group it read: old-pod-0 of all four,
+    # old-pod-1 of all but the one where it holds the entry.
+    assert forgotten == 4 + 3
+    holding_partition = bus.partition_of("dataset-1/user-1")
+    for partition in range(bus.partitions):
+        key = bus.stream_key(TOPIC, partition)
+        names = {info["name"] for info in await client.xinfo_consumers(key, "profile")}
+        expected = (
+            {b"new-pod-0", b"old-pod-1"} if partition == holding_partition else {b"new-pod-0"}
+        )
+        assert names == expected, partition
+    # The dead pod's entry is still there for another consumer to take over.
+    taken = await consumer(bus, "profile", "new-pod-1", claim_idle=0.1).read()
+    assert [d.payload for d in taken] == [b"two"]

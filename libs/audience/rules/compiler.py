@@ -56,6 +56,7 @@ __all__ = [
     "CompiledRule",
     "Predicate",
     "Rollup",
+    "Threshold",
     "compile_rule",
     "random_bucket",
     "rollup_key",
@@ -86,6 +87,14 @@ _LOWEST = -(2**62)
 _HIGHEST = 2**62
 
 _ARGS = "v, now, segs, rollups"
+_ORDERED = frozenset(
+    {
+        _O.OPERATOR_GREATER_THAN,
+        _O.OPERATOR_GREATER_THAN_OR_EQUAL,
+        _O.OPERATOR_LESS_THAN,
+        _O.OPERATOR_LESS_THAN_OR_EQUAL,
+    }
+)
 
 
 # --- Runtime helpers the generated code calls. ---
@@ -193,6 +202,11 @@ class _Leaf:
     def py_timer(self, ns: Namespace) -> str | None:
         return None
 
+    def observation(self) -> tuple[str, ...] | None:
+        """What the condition reads, equal for conditions that read the same value whatever
+        the subject and the time; None when that is not known."""
+        return None
+
     # SQL.
     def sql_observe(self, ctx: SqlContext, alias: str) -> str:
         raise NotImplementedError
@@ -232,6 +246,9 @@ class _Attribute(_Leaf):
         if len(self.keys) == 1:
             return f"v.attributes.get({ns.const(self.keys[0])})"
         return f"_lookup(v.attributes, {ns.const(self.keys)})"
+
+    def observation(self) -> tuple[str, ...] | None:
+        return ("attributes", *self.keys)
 
     def sql_observe(self, ctx: SqlContext, alias: str) -> str:
         steps = "".join(f" -> {ctx.bind(key, 'text')}" for key in self.keys)
@@ -289,6 +306,9 @@ class _Column(_Leaf):
 
     def py_observe(self, ns: Namespace) -> str:
         return f"v.{self.column}"
+
+    def observation(self) -> tuple[str, ...] | None:
+        return (self.column,)
 
     def sql_observe(self, ctx: SqlContext, alias: str) -> str:
         return f"{alias}.{self.column}"
@@ -756,6 +776,19 @@ class _Builder:
         raise ValueError(f"rule node {kind!r} cannot be compiled")
 
 
+def _threshold(root: _Node) -> Threshold | None:
+    if not isinstance(root, _Leaf) or root.operator not in _ORDERED:
+        return None
+    bound = root.operand
+    observed = root.observation()
+    # A bool is an int to Python, and NaN sorts nowhere: neither orders a family.
+    if observed is None or isinstance(bound, bool) or not isinstance(bound, int | float):
+        return None
+    if not math.isfinite(bound):
+        return None
+    return Threshold(observed, root.operator, float(bound))
+
+
 def _python_source(node: _Node, tests: Mapping[int, str]) -> str:
     if isinstance(node, _Leaf):
         return f"({tests[id(node)]})"
@@ -783,6 +816,20 @@ def _merge_specs(leaves: Iterable[_Leaf]) -> tuple[profile_pb2.AggregateSpec, ..
     return tuple(merged.values())
 
 
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """A rule that is one ordered comparison of a value with a number (``cart.value >= 100``).
+
+    Rules with the same ``observed`` and ``operator`` differ only in ``bound``: for any
+    subject and time, sorted by bound, their answers are a run of one answer followed by a
+    run of the other. An evaluator may decide such a family with a binary search.
+    """
+
+    observed: tuple[str, ...]
+    operator: int
+    bound: float
+
+
 class CompiledRule:
     """A rule compiled for evaluation. Build one with :func:`compile_rule`.
 
@@ -804,6 +851,7 @@ class CompiledRule:
         time_dependent: whether the passing of time alone can change the answer (some
             condition has a window that moves or counts days); when false,
             :meth:`next_change` is always ``None``.
+        threshold: the rule as a :class:`Threshold`, when it is one.
     """
 
     def __init__(self, rule: rule_pb2.Rule, kind: int) -> None:
@@ -821,6 +869,7 @@ class CompiledRule:
         self.leaf_texts = tuple(leaf.site.text for leaf in self._leaves)
         self._generate()
         self.time_dependent = bool(self._timers)
+        self.threshold = None if self.time_dependent else _threshold(self._root)
 
     def _generate(self) -> None:
         ns = Namespace()

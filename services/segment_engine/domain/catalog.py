@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import defaultdict
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +22,8 @@ __all__ = [
     "CompiledRule",
     "RollupDef",
     "SegmentDef",
+    "Threshold",
+    "ThresholdFamily",
     "rollup_dependency",
     "segment_dependency",
 ]
@@ -41,6 +43,26 @@ def rollup_dependency(key: str) -> str:
     return f"rollup:{key}"
 
 
+# Smaller families of threshold rules are evaluated rule by rule: a binary search over
+# them saves little.
+_FAMILY_SIZE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """A rule that is one comparison of an observed number with a bound (``x >= 100``).
+
+    Rules of one ``family`` read the same value the same way and differ only in their
+    bound. ``holds_below`` says which way a rule of the family goes: true when it holds for
+    bounds up to the observed value (``x >= bound``, ``x > bound``), false when it holds
+    for bounds above it (``x <= bound``, ``x < bound``).
+    """
+
+    family: Hashable
+    bound: float
+    holds_below: bool
+
+
 class CompiledRule(Protocol):
     """What the engine needs of a compiled rule (the rules adapter provides it).
 
@@ -56,6 +78,10 @@ class CompiledRule(Protocol):
     def time_dependent(self) -> bool: ...
     @property
     def rollups(self) -> Sequence[RollupDef]: ...
+    @property
+    def threshold(self) -> Threshold | None:
+        """The rule as a :class:`Threshold`, when it is one."""
+        ...
 
     def matches(
         self, view: Any, now: int, segments: Container[str], rollups: Mapping[str, int]
@@ -102,6 +128,34 @@ class SegmentDef:
     rule: CompiledRule | None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ThresholdFamily:
+    """The threshold rules of one family and kind, by bound.
+
+    Sorted by bound, the rules' answers for a subject are a run of ``holds_below`` then a
+    run of its opposite, so where the first run ends is found by a binary search.
+    """
+
+    kind: Kind
+    segment_ids: tuple[str, ...]
+    rules: tuple[CompiledRule, ...]
+    holds_below: bool
+
+    def holding(
+        self, view: Any, now: int, segments: Container[str], rollups: Mapping[str, int]
+    ) -> int:
+        """How many rules, from the lowest bound, answer ``holds_below``."""
+        rules, holds_below = self.rules, self.holds_below
+        low, high = 0, len(rules)
+        while low < high:
+            middle = (low + high) // 2
+            if rules[middle].matches(view, now, segments, rollups) == holds_below:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+
 class Catalog:
     """The segments of one dataset at one catalog revision, indexed.
 
@@ -124,10 +178,17 @@ class Catalog:
         timed: dict[Kind, list[str]] = {kind: [] for kind in Kind}
         rules: dict[Kind, list[str]] = {kind: [] for kind in Kind}
         self.rollups: dict[str, RollupDef] = {}
+        thresholds: defaultdict[
+            tuple[Kind, Hashable, bool], list[tuple[float, str, CompiledRule]]
+        ] = defaultdict(list)
         for segment in sorted(self.segments.values(), key=lambda s: self.rank[s.segment_id]):
             rule = segment.rule
             if rule is None:
                 continue
+            threshold = rule.threshold
+            if threshold is not None and not rule.time_dependent:
+                family = (segment.kind, threshold.family, threshold.holds_below)
+                thresholds[family].append((threshold.bound, segment.segment_id, rule))
             rules[segment.kind].append(segment.segment_id)
             if not rule.dependencies:
                 unkeyed[segment.kind].append(segment.segment_id)
@@ -156,6 +217,16 @@ class Catalog:
         self.time_rollups: tuple[str, ...] = tuple(
             key for key, rollup in self.rollups.items() if rollup.rule.time_dependent
         )
+        self.families: dict[str, ThresholdFamily] = {}
+        for (kind, _, holds_below), members in thresholds.items():
+            if len(members) < _FAMILY_SIZE:
+                continue
+            members.sort(key=lambda member: member[:2])
+            ids = tuple(segment_id for _, segment_id, _ in members)
+            family_rules = tuple(rule for _, _, rule in members)
+            self.families.update(
+                dict.fromkeys(ids, ThresholdFamily(kind, ids, family_rules, holds_below))
+            )
 
     def affected(self, kind: Kind, keys: Iterable[str]) -> set[str]:
         """The rule segments of ``kind`` whose dependencies meet ``keys``."""

@@ -21,6 +21,7 @@ from typing import Any
 from services.segment_engine.domain.catalog import (
     Catalog,
     CompiledRule,
+    ThresholdFamily,
     rollup_dependency,
     segment_dependency,
 )
@@ -159,6 +160,8 @@ class _Run:
         self.names = subject.segment_names()
         self.outcome = Outcome()
         self._heap: list[tuple[int, str]] = []
+        # Threshold families whose members the trigger queued: decided before the heap.
+        self._families: dict[ThresholdFamily, list[str]] = {}
         # Segment id → the segment whose change queued it; "" when the trigger did.
         self._via: dict[str, str] = {}
         self._changed: list[str] = []
@@ -172,10 +175,18 @@ class _Run:
         known = self._via
         if not self._heap and not via:
             # The trigger's segments: sorted once (a sorted list is a heap), no pushes.
-            fresh = [(rank[i], i) for i in segment_ids if i not in known]
-            fresh.sort()
-            for _, segment_id in fresh:
+            families = self.catalog.families
+            fresh = []
+            for segment_id in segment_ids:
+                if segment_id in known:
+                    continue
                 known[segment_id] = ""
+                family = families.get(segment_id)
+                if family is None:
+                    fresh.append((rank[segment_id], segment_id))
+                else:
+                    self._families.setdefault(family, []).append(segment_id)
+            fresh.sort()
             self._heap = fresh
             return
         for segment_id in segment_ids:
@@ -187,6 +198,8 @@ class _Run:
                 known[segment_id] = via
 
     def run(self) -> None:
+        if self._families:
+            self._decide_families()
         # The hot loop of evaluation: everything it touches is a local.
         segments = self.catalog.segments
         subject = self.subject
@@ -215,6 +228,37 @@ class _Run:
             if result != (segment_id in memberships):
                 self.record(segment_id, result, Cause.DEPENDENCY if via else self.cause, via, rule)
                 heap = self._heap
+
+    def _decide_families(self) -> None:
+        """Evaluates whole threshold families by binary search; a family the trigger queued
+        only part of goes on the heap with the other segments."""
+        subject = self.subject
+        memberships = subject.memberships
+        timers = subject.timers
+        rank = self.catalog.rank
+        known = self._via
+        flips: list[tuple[int, str, bool, CompiledRule]] = []
+        for family, queued in self._families.items():
+            if len(queued) < len(family.segment_ids):
+                for segment_id in queued:
+                    heapq.heappush(self._heap, (rank[segment_id], segment_id))
+                continue
+            for segment_id in queued:
+                del known[segment_id]
+            if family.kind is not subject.kind:
+                continue
+            holding = family.holding(subject.view, self.now, self.names, subject.rollup_counts)
+            holds_below = family.holds_below
+            for index, segment_id in enumerate(family.segment_ids):
+                if timers:
+                    timers.pop(segment_id, None)
+                result = (index < holding) == holds_below
+                if result != (segment_id in memberships):
+                    flips.append((rank[segment_id], segment_id, result, family.rules[index]))
+        self._families = {}
+        flips.sort(key=lambda flip: flip[:2])
+        for _, segment_id, join, rule in flips:
+            self.record(segment_id, join, self.cause, "", rule)
 
     def record(
         self,

@@ -225,6 +225,16 @@ RULES = {
     "pro-shoppers": 'in segment "datasets/{d}/segments/pro" and'
     ' in segment "datasets/{d}/segments/shoppers"',
     "not-pro": 'not in segment "datasets/{d}/segments/pro"',
+    # Two families of thresholds on one value, which the engine decides by binary search.
+    "cart-20": "cart.value >= 20",
+    "cart-40": "cart.value >= 40",
+    "cart-100": "cart.value >= 100",
+    "under-30": "cart.value < 30",
+    "under-50": "cart.value < 50",
+    "under-90": "cart.value < 90",
+    "under-120": "cart.value < 120",
+    "cheap-pro": 'in segment "datasets/{d}/segments/under-50" and'
+    ' in segment "datasets/{d}/segments/pro"',
 }
 
 
@@ -311,6 +321,7 @@ async def test_a_shuffled_duplicated_event_stream_ends_in_from_scratch_membershi
     async with pipeline(start_suite) as p:
         names = {}
         early = ["pro", "big-cart", "pro-shoppers", "shoppers"]
+        early += [segment_id for segment_id in RULES if segment_id.startswith(("cart", "under"))]
         for segment_id in early:
             rule = RULES[segment_id].format(d=p.dataset)
             if segment_id == "pro-shoppers":
@@ -323,7 +334,7 @@ async def test_a_shuffled_duplicated_event_stream_ends_in_from_scratch_membershi
         for start in range(0, half, 25):
             await p.send(*stream[start : start + 25])
         # Segments made mid-stream are backfilled while events keep coming.
-        for segment_id in ("pro-shoppers", "not-pro"):
+        for segment_id in ("pro-shoppers", "not-pro", "cheap-pro"):
             rule = RULES[segment_id].format(d=p.dataset)
             names[segment_id] = (await p.clients.create(p.dataset, segment_id, rule)).name
         sends = [p.send(*stream[start : start + 25]) for start in range(half, len(stream), 25)]

@@ -27,6 +27,7 @@ from audience.rules import (
     rollup_key,
     series_from_buckets,
 )
+from audience.rules.compiler import Threshold
 from audience.rules.sql import SqlSegment
 from audience.v1 import common_pb2, rule_pb2, segment_pb2
 
@@ -416,3 +417,64 @@ def test_sql_names_every_referenced_segment() -> None:
         rule.to_sql(NOW, schema="s")
     with pytest.raises(ValueError, match="schema name"):
         rule.to_sql(NOW, schema='s"; drop', segments={})
+
+
+_O = rule_pb2.Operator
+
+
+@pytest.mark.parametrize(
+    ("text", "threshold"),
+    [
+        ("cart.value >= 100", Threshold(("cart_value",), _O.OPERATOR_GREATER_THAN_OR_EQUAL, 100)),
+        (
+            "attributes.score.total < 2.5",
+            Threshold(("attributes", "score", "total"), _O.OPERATOR_LESS_THAN, 2.5),
+        ),
+        ("lifetime.order_count > 3", Threshold(("order_count",), _O.OPERATOR_GREATER_THAN, 3)),
+        ("cart.value >= 100 and cart.value < 200", None),
+        ("not cart.value >= 100", None),
+        ('attributes.plan >= "m"', None),
+        ("attributes.score = 5", None),
+        ("attributes.score between 1 and 5", None),
+        ('count(event "e", last 1 day) >= 2', None),
+        ('count(event "e", all time) >= 2', None),
+    ],
+)
+def test_a_rule_that_is_one_ordered_comparison_with_a_number_is_a_threshold(
+    text: str, threshold: Threshold | None
+) -> None:
+    assert _rule(text).threshold == threshold
+
+
+_ORDERED = {">": False, ">=": False, "<": True, "<=": True}
+
+
+@given(
+    operator=st.sampled_from(sorted(_ORDERED)),
+    bounds=st.lists(st.integers(-50, 50).map(lambda n: n / 4), min_size=2, max_size=8),
+    value=st.one_of(
+        st.none(),
+        st.integers(-60, 60).map(lambda n: n / 4),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-15, 15),
+        st.booleans(),
+        st.text(max_size=2),
+    ),
+)
+def test_thresholds_sorted_by_bound_answer_one_way_then_the_other(
+    operator: str, bounds: list[float], value: object
+) -> None:
+    """What lets the engine decide a family of thresholds by a binary search."""
+    for path, fields in (
+        ("attributes.x", {"attributes": {"x": value}}),
+        ("cart.value", {"cart_value": value if type(value) is float else None}),
+    ):
+        compiled = sorted(
+            (_rule(f"{path} {operator} {bound}") for bound in bounds),
+            key=lambda rule: rule.threshold.bound if rule.threshold else 0.0,
+        )
+        view = View(subject_id="u", **fields)
+        answers = [rule.matches(view, NOW) for rule in compiled]
+        # False then true for `<`, true then false for `>`: never back again.
+        rising = _ORDERED[operator]
+        assert answers == sorted(answers, reverse=not rising)

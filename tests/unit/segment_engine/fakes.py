@@ -6,7 +6,7 @@ from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.segment_engine.domain.catalog import Catalog, RollupDef, SegmentDef
+from services.segment_engine.domain.catalog import Catalog, RollupDef, SegmentDef, Threshold
 from services.segment_engine.domain.model import Kind, Source, segment_name
 
 DATASET = "d1"
@@ -24,6 +24,7 @@ class FakeRule:
     time_dependent: bool = False
     timer: Callable[[Any, int], int | None] | None = None
     rollups: Sequence[RollupDef] = ()
+    threshold: Threshold | None = None
     calls: list[int] = field(default_factory=list)
 
     def matches(
@@ -58,6 +59,22 @@ def attribute_rule(name: str, test: Callable[[Any], bool]) -> FakeRule:
     return FakeRule(
         lambda view, now, segs, rollups: test(view.get(name)),
         frozenset({f"attribute:{name}"}),
+    )
+
+
+def threshold_rule(name: str, bound: float, *, holds_below: bool = True) -> FakeRule:
+    """``attributes.name >= bound``, or ``<= bound`` when not ``holds_below``."""
+
+    def test(view: Any, now: int, segs: Container[str], rollups: Mapping[str, int]) -> bool:
+        value = view.get(name)
+        if value is None:
+            return False
+        return bool(value >= bound if holds_below else value <= bound)
+
+    return FakeRule(
+        test,
+        frozenset({f"attribute:{name}"}),
+        threshold=Threshold(("attribute", name), bound, holds_below),
     )
 
 

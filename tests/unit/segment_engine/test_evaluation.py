@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.segment_engine.domain.catalog import RollupDef, rollup_dependency
 from services.segment_engine.domain.evaluation import (
@@ -26,6 +29,7 @@ from tests.unit.segment_engine.fakes import (
     catalog,
     member_of,
     segment,
+    threshold_rule,
 )
 
 NOW = 1_700_000_000_000_000
@@ -400,3 +404,82 @@ def test_a_merged_away_profile_leaves_with_cause_merge() -> None:
         ChangeKind.LEAVE,
         Cause.MERGE,
     )
+
+
+def test_a_family_of_thresholds_is_decided_by_a_binary_search() -> None:
+    rules = [threshold_rule("cart", 20.0 * n) for n in range(1, 17)]
+    cat = catalog([segment(f"cart-{n:02d}", rule) for n, rule in enumerate(rules, 1)])
+    subject = _subject({"cart": 55.0}, memberships={"cart-01": Membership(1, 1)})
+    subject.memberships["cart-02"] = Membership(1, 1)
+
+    outcome = _change(subject, {"cart": 125.0}, ["attribute:cart"], cat=cat)
+
+    assert [(c.segment_id, c.change) for c in outcome.changes] == [
+        (f"cart-{n:02d}", ChangeKind.JOIN) for n in range(3, 7)
+    ]
+    assert set(subject.memberships) == {f"cart-{n:02d}" for n in range(1, 7)}
+    assert sum(len(rule.calls) for rule in rules) <= 5
+
+
+def test_a_threshold_family_joins_before_the_segments_that_refer_to_it() -> None:
+    rules = [threshold_rule("cart", bound) for bound in (10.0, 20.0, 30.0, 40.0)]
+    over_20 = segment("over-20", rules[1])
+    cat = catalog(
+        [
+            segment("refers", member_of("over-20")),
+            over_20,
+            *(segment(f"over-{int(b)}", r) for b, r in ((10.0, rules[0]), (30, rules[2]))),
+            segment("over-40", rules[3]),
+        ]
+    )
+    subject = _subject({})
+
+    outcome = _change(subject, {"cart": 25.0}, ["attribute:cart"], cat=cat)
+
+    assert [(c.segment_id, c.reason.cause) for c in outcome.changes] == [
+        ("over-10", Cause.EVENT),
+        ("over-20", Cause.EVENT),
+        ("refers", Cause.DEPENDENCY),
+    ]
+
+
+def test_a_threshold_family_queued_in_part_is_evaluated_rule_by_rule() -> None:
+    family = [threshold_rule("cart", bound) for bound in (10.0, 20.0, 30.0, 40.0)]
+    family[3].dependencies = frozenset({"attribute:cart", "attribute:other"})
+    cat = catalog([segment(f"s{n}", rule) for n, rule in enumerate(family)])
+    subject = _subject({"cart": 45.0})
+
+    outcome = _change(subject, {"cart": 45.0}, ["attribute:other"], cat=cat)
+
+    assert [(c.segment_id, c.change) for c in outcome.changes] == [("s3", ChangeKind.JOIN)]
+    assert [len(rule.calls) for rule in family] == [0, 0, 0, 1]
+
+
+@given(
+    bounds=st.lists(st.integers(0, 20), min_size=4, max_size=12),
+    holds_below=st.booleans(),
+    values=st.lists(st.one_of(st.none(), st.integers(-2, 22)), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_a_threshold_family_decides_what_each_rule_alone_would(
+    bounds: list[int], holds_below: bool, values: list[int | None], seed: int
+) -> None:
+    rules = [threshold_rule("x", float(b), holds_below=holds_below) for b in bounds]
+    segments = [segment(f"t{n:02d}", rule) for n, rule in enumerate(rules)]
+    random.Random(seed).shuffle(segments)
+    cat = catalog(segments)
+    assert len(cat.families) == len(bounds)
+    # Start from memberships that do not match the view: a family must not assume they do.
+    subject = _subject(
+        {}, memberships={s.segment_id: Membership(1, 1) for s in segments[: len(segments) // 2]}
+    )
+
+    for value in values:
+        _change(subject, {"x": value}, ["attribute:x"], cat=cat)
+
+        expected = {
+            s.segment_id
+            for s, rule in ((s, s.rule) for s in segments)
+            if rule is not None and rule.matches(subject.view, NOW, set(), {})
+        }
+        assert set(subject.memberships) == expected

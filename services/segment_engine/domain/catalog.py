@@ -11,7 +11,7 @@ import heapq
 import logging
 from collections import defaultdict
 from collections.abc import Container, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from services.segment_engine.domain.model import Kind, Source
@@ -140,6 +140,10 @@ class ThresholdFamily:
     segment_ids: tuple[str, ...]
     rules: tuple[CompiledRule, ...]
     holds_below: bool
+    members: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", frozenset(self.segment_ids))
 
     def holding(
         self, view: Any, now: int, segments: Container[str], rollups: Mapping[str, int]
@@ -217,16 +221,14 @@ class Catalog:
         self.time_rollups: tuple[str, ...] = tuple(
             key for key, rollup in self.rollups.items() if rollup.rule.time_dependent
         )
-        self.families: dict[str, ThresholdFamily] = {}
+        families = []
         for (kind, _, holds_below), members in thresholds.items():
-            if len(members) < _FAMILY_SIZE:
-                continue
-            members.sort(key=lambda member: member[:2])
-            ids = tuple(segment_id for _, segment_id, _ in members)
-            family_rules = tuple(rule for _, _, rule in members)
-            self.families.update(
-                dict.fromkeys(ids, ThresholdFamily(kind, ids, family_rules, holds_below))
-            )
+            if len(members) >= _FAMILY_SIZE:
+                members.sort(key=lambda member: member[:2])
+                ids = tuple(segment_id for _, segment_id, _ in members)
+                family_rules = tuple(rule for _, _, rule in members)
+                families.append(ThresholdFamily(kind, ids, family_rules, holds_below))
+        self.families: tuple[ThresholdFamily, ...] = tuple(families)
 
     def affected(self, kind: Kind, keys: Iterable[str]) -> set[str]:
         """The rule segments of ``kind`` whose dependencies meet ``keys``."""

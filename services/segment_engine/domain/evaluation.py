@@ -160,8 +160,8 @@ class _Run:
         self.names = subject.segment_names()
         self.outcome = Outcome()
         self._heap: list[tuple[int, str]] = []
-        # Threshold families whose members the trigger queued: decided before the heap.
-        self._families: dict[ThresholdFamily, list[str]] = {}
+        # Threshold families the trigger queued whole: decided before the heap.
+        self._families: list[ThresholdFamily] = []
         # Segment id → the segment whose change queued it; "" when the trigger did.
         self._via: dict[str, str] = {}
         self._changed: list[str] = []
@@ -175,18 +175,15 @@ class _Run:
         known = self._via
         if not self._heap and not via:
             # The trigger's segments: sorted once (a sorted list is a heap), no pushes.
-            families = self.catalog.families
-            fresh = []
-            for segment_id in segment_ids:
-                if segment_id in known:
-                    continue
-                known[segment_id] = ""
-                family = families.get(segment_id)
-                if family is None:
-                    fresh.append((rank[segment_id], segment_id))
-                else:
-                    self._families.setdefault(family, []).append(segment_id)
+            trigger = set(segment_ids)
+            for family in self.catalog.families:
+                if family.members <= trigger:
+                    trigger -= family.members
+                    self._families.append(family)
+            fresh = [(rank[i], i) for i in trigger if i not in known]
             fresh.sort()
+            for _, segment_id in fresh:
+                known[segment_id] = ""
             self._heap = fresh
             return
         for segment_id in segment_ids:
@@ -230,32 +227,29 @@ class _Run:
                 heap = self._heap
 
     def _decide_families(self) -> None:
-        """Evaluates whole threshold families by binary search; a family the trigger queued
-        only part of goes on the heap with the other segments."""
+        """Evaluates whole threshold families, each by a binary search and set operations
+        (a family can be large; the subject's memberships and timers are few)."""
         subject = self.subject
         memberships = subject.memberships
         timers = subject.timers
         rank = self.catalog.rank
-        known = self._via
         flips: list[tuple[int, str, bool, CompiledRule]] = []
-        for family, queued in self._families.items():
-            if len(queued) < len(family.segment_ids):
-                for segment_id in queued:
-                    heapq.heappush(self._heap, (rank[segment_id], segment_id))
-                continue
-            for segment_id in queued:
-                del known[segment_id]
+        for family in self._families:
             if family.kind is not subject.kind:
                 continue
             holding = family.holding(subject.view, self.now, self.names, subject.rollup_counts)
-            holds_below = family.holds_below
-            for index, segment_id in enumerate(family.segment_ids):
-                if timers:
-                    timers.pop(segment_id, None)
-                result = (index < holding) == holds_below
-                if result != (segment_id in memberships):
-                    flips.append((rank[segment_id], segment_id, result, family.rules[index]))
-        self._families = {}
+            ids = family.segment_ids
+            holds = ids[:holding] if family.holds_below else ids[holding:]
+            current = family.members.intersection(memberships)
+            for segment_id in current.symmetric_difference(holds):
+                index = ids.index(segment_id)
+                flips.append(
+                    (rank[segment_id], segment_id, segment_id not in current, family.rules[index])
+                )
+            if timers:
+                for segment_id in family.members.intersection(timers):
+                    del timers[segment_id]
+        self._families = []
         flips.sort(key=lambda flip: flip[:2])
         for _, segment_id, join, rule in flips:
             self.record(segment_id, join, self.cause, "", rule)

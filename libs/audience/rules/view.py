@@ -18,7 +18,7 @@ Fields derived from the visit (``None`` when the subject has had no visit):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -120,6 +120,41 @@ class EvaluationViewMessage(Protocol):
     def HasField(self, field_name: Any, /) -> bool: ...  # noqa: N802 - the protobuf API
 
 
+class _AggregatesOnRead(Mapping[str, Series]):
+    """A view's aggregates, each decoded from its ``AggregateValue`` when first read: a
+    subject holds dozens, and a change's evaluation reads the few its rules name."""
+
+    __slots__ = ("_decoded", "_values")
+
+    def __init__(self, values: Iterable[profile_pb2.AggregateValue]) -> None:
+        self._values = {value.aggregate_id: value for value in values}
+        self._decoded: dict[str, Series] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        series = self._decoded.get(key)
+        if series is None:
+            value = self._values.get(key)
+            if value is None:
+                return default
+            series = self._decoded[key] = series_from_proto(value)
+        return series
+
+    def __getitem__(self, key: str) -> Series:
+        series = self.get(key)
+        if series is None:
+            raise KeyError(key)
+        return series  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 def _text(value: str) -> str | None:
     return value or None
 
@@ -215,7 +250,7 @@ def view_from_parts(
         order_count=order_count,
         visit_count=visit_count,
         account_id=account_id or None,
-        aggregates={value.aggregate_id: series_from_proto(value) for value in aggregates},
+        aggregates=_AggregatesOnRead(aggregates),
         **fields,
     )
 

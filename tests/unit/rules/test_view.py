@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from audience.bus.v1 import profile_change_pb2
@@ -93,6 +94,31 @@ def test_a_view_mirrors_the_evaluation_view_message() -> None:
     assert view.account_id == "acme"
     (bucket,) = view.aggregates["agg_1"].buckets()
     assert bucket == BucketState(0, 2, 3.0, 1.0, None, None, T)
+
+
+def test_a_views_aggregates_read_like_a_dict_and_decode_each_once() -> None:
+    message = profile_change_pb2.EvaluationView(
+        aggregates=[
+            profile_pb2.AggregateValue(
+                aggregate_id=f"agg_{n}",
+                buckets=[profile_pb2.AggregateBucket(start_time=_timestamp(n * SECOND), count=n)],
+            )
+            for n in (1, 2, 3)
+        ]
+    )
+    aggregates = view_from_proto(message, "u").aggregates
+
+    assert list(aggregates) == ["agg_1", "agg_2", "agg_3"]
+    assert len(aggregates) == 3
+    assert "agg_2" in aggregates
+    assert aggregates.get("agg_9") is None
+    assert "agg_9" not in aggregates
+    with pytest.raises(KeyError):
+        aggregates["agg_9"]
+    assert aggregates.get("agg_2") is aggregates["agg_2"]
+    counts = [bucket.count for series in aggregates.values() for bucket in series.buckets()]
+    assert counts == [1, 2, 3]
+    assert aggregates_json(aggregates) == aggregates_json(dict(aggregates))
 
 
 def test_a_subject_without_a_visit_or_place_has_those_fields_missing() -> None:

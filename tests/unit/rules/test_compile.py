@@ -469,10 +469,8 @@ def test_thresholds_sorted_by_bound_answer_one_way_then_the_other(
         ("attributes.x", {"attributes": {"x": value}}),
         ("cart.value", {"cart_value": value if type(value) is float else None}),
     ):
-        compiled = sorted(
-            (_rule(f"{path} {operator} {bound}") for bound in bounds),
-            key=lambda rule: rule.threshold.bound if rule.threshold else 0.0,
-        )
+        compiled = [_rule(f"{path} {operator} {bound}") for bound in sorted(bounds)]
+        assert all(rule.threshold is not None for rule in compiled)
         view = View(subject_id="u", **fields)
         answers = [rule.matches(view, NOW) for rule in compiled]
         # False then true for `<`, true then false for `>`: never back again.

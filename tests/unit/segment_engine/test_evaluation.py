@@ -422,16 +422,9 @@ def test_a_family_of_thresholds_is_decided_by_a_binary_search() -> None:
 
 
 def test_a_threshold_family_joins_before_the_segments_that_refer_to_it() -> None:
-    rules = [threshold_rule("cart", bound) for bound in (10.0, 20.0, 30.0, 40.0)]
-    over_20 = segment("over-20", rules[1])
-    cat = catalog(
-        [
-            segment("refers", member_of("over-20")),
-            over_20,
-            *(segment(f"over-{int(b)}", r) for b, r in ((10.0, rules[0]), (30, rules[2]))),
-            segment("over-40", rules[3]),
-        ]
-    )
+    # Listed first: the referring segment must still come after the family's change.
+    family = [segment(f"over-{b}", threshold_rule("cart", float(b))) for b in (10, 20, 30, 40)]
+    cat = catalog([segment("refers", member_of("over-20")), *family])
     subject = _subject({})
 
     outcome = _change(subject, {"cart": 25.0}, ["attribute:cart"], cat=cat)

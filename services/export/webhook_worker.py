@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from audience.waiting import wait_woken
 from services.export.domain import webhooks
 from services.export.domain.backoff import backoff
 from services.export.domain.model import (
@@ -252,8 +253,7 @@ class WatchManager:
                 except Exception:
                     _log.exception("Claiming webhook subscriptions failed; trying again")
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                await wait_woken(self._wake, interval)
         finally:
             for key in list(self._watchers):
                 await self._stop(key)

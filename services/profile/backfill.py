@@ -17,13 +17,13 @@ database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from audience.rules.facts import FACT_SOURCES
 from audience.v1 import event_pb2
+from audience.waiting import wait_woken
 from services.profile.applier import Published, subject_key
 from services.profile.codec import USER, encode_change, profile_view
 from services.profile.consumer import Publisher, is_infrastructure
@@ -83,8 +83,7 @@ class Backfiller:
             if busy:
                 await asyncio.sleep(self.pause)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.idle)
+                await wait_woken(self._wake, self.idle)
 
     async def step(self) -> bool:
         """Backfills one page; returns whether there was anything to do."""

@@ -17,7 +17,6 @@ dedicated connection while it works, which PostgreSQL releases if the process di
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import grpc
 
 from audience.db import LOOP_FAILURES, session_lock
 from audience.errors import AudienceError
+from audience.waiting import wait_woken
 from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.domain.model import Cause, Kind, SegmentState
 from services.segment_engine.processor import Processor
@@ -125,8 +125,7 @@ class Backfiller:
                 _log.warning("backfill worker: infrastructure failure; retrying", exc_info=True)
                 busy = False
             if not busy:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll)
+                await wait_woken(self._wake, self._poll)
 
     async def run_once(self) -> bool:
         """Works on the first pending segment no other replica holds; False when none."""

@@ -17,6 +17,7 @@ from typing import NoReturn
 import asyncpg
 
 from audience.db import LOOP_FAILURES
+from audience.waiting import wait_woken
 from services.segment_engine.processor import Committed, Processor
 from services.segment_engine.store.sql import from_micros, micros
 from services.segment_engine.store.state import Key
@@ -86,9 +87,7 @@ class TimerLoop:
         self._planned = limit if earliest is None else min(earliest, limit)
         delay = max(0.0, (self._planned - now) / 1_000_000)
         try:
-            await asyncio.wait_for(self._wake.wait(), delay)
-        except TimeoutError:
-            pass
+            await wait_woken(self._wake, delay)
         finally:
             self._planned = None
 

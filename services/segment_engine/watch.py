@@ -15,7 +15,6 @@ connection reconnects delays changes by at most that long.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ import asyncpg
 
 from audience.db import LOOP_FAILURES
 from audience.errors import out_of_range
+from audience.waiting import wait_woken
 from services.segment_engine.domain.model import ChangeKind
 from services.segment_engine.domain.tokens import decode_token, encode_token
 from services.segment_engine.store.log import ChangeLog, LogRow
@@ -224,7 +224,6 @@ async def watch_changes(
                 yield Heartbeat(encode_token(dataset, position, read.time), read.time)
                 last_sent = clock()
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(heartbeat - idle, _SAFETY_POLL))
+            await wait_woken(event, min(heartbeat - idle, _SAFETY_POLL))
     finally:
         notifier.unsubscribe(dataset, event)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from audience.errors import AudienceError
+from audience.waiting import stop_task
 from services.export.domain.backoff import backoff
 from services.export.domain.csvrows import CsvLayout
 from services.export.domain.files import (
@@ -177,9 +178,7 @@ class JobRunner:
                 job, self.worker_id, _describe(error), progress.attempts, self._clock.now()
             )
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await stop_task(keeper)
 
     async def _keep_lease(
         self,

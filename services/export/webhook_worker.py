@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from audience.waiting import wait_woken
+from audience.waiting import stop_task, wait_woken
 from services.export.domain import webhooks
 from services.export.domain.backoff import backoff
 from services.export.domain.model import (
@@ -182,9 +182,7 @@ class _Watcher:
             # would be left pending and destroyed with the queue.
             if getter is not None:
                 getter.cancel()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            await stop_task(reader)
 
 
 class WatchManager:
@@ -240,9 +238,7 @@ class WatchManager:
 
     async def _stop(self, key: tuple[str, str]) -> None:
         _, task = self._watchers.pop(key)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await stop_task(task)
 
     async def run_forever(self) -> None:
         interval = self.settings.lease.total_seconds() / 3

@@ -176,20 +176,22 @@ class Watcher:
     measuring: bool = False
 
     async def run(self, stub: membership_service_pb2_grpc.MembershipServiceStub) -> None:
-        request = membership_service_pb2.WatchMembershipChangesRequest(parent=f"datasets/{DATASET}")
+        request = membership_service_pb2.WatchMembershipChangesRequest(
+            parent=f"datasets/{DATASET}", max_changes_per_response=500
+        )
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             async for response in stub.WatchMembershipChanges(request):
-                if not response.HasField("change"):
-                    continue
+                changes = response.batch.changes
                 arrived = time.monotonic()
-                self.received += 1
+                self.received += len(changes)
                 if not self.measuring:
                     continue
-                for event_id in response.change.reason.event_ids:
-                    acked = self.acked.get(event_id)
-                    if acked is not None:
-                        self.latencies.append(arrived - acked)
-                        break
+                for change in changes:
+                    for event_id in change.reason.event_ids:
+                        acked = self.acked.get(event_id)
+                        if acked is not None:
+                            self.latencies.append(arrived - acked)
+                            break
 
 
 async def _send(

@@ -16,6 +16,7 @@ from audience.errors import FieldViolation, invalid_argument
 from audience.rules import micros_from_timestamp
 from audience.telemetry import extract
 from audience.v1 import (
+    membership_pb2,
     membership_service_pb2,
     membership_service_pb2_grpc,
     segment_pb2,
@@ -48,12 +49,19 @@ from services.segment_engine.watch import (
     ChangeNotifier,
     Heartbeat,
     StartPoint,
+    StreamedChange,
     watch_changes,
 )
 
 __all__ = ["MembershipServicer", "SegmentServicer"]
 
 _MAX_WATCH_SEGMENTS = 1000
+_MAX_CHANGES_PER_RESPONSE = 1000
+_BATCH_BYTES = 1024 * 1024
+"""A batch of changes is cut where its changes' encodings would pass this many bytes (a
+change with many flipped clauses and long values can take kilobytes), so a response stays
+well inside the 4 MiB a client accepts by default. A single change is sent whatever its
+size, as it would be alone."""
 _MAX_STREAM_CHUNK = 10_000
 _CHUNK_ID_CHARS = 512 * 1024
 """A chunk whose member ids hold more characters is sent in parts: at most 4 bytes each in
@@ -517,6 +525,14 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
             _same_dataset(dataset, segment_dataset, f"segments[{index}]")
             segment_ids.append(segment_id)
         _enum_or_fail(request.kind, (1, 2), "kind")
+        per_response = request.max_changes_per_response
+        if not 0 <= per_response <= _MAX_CHANGES_PER_RESPONSE:
+            raise invalid_argument(
+                f"max_changes_per_response must be from 0 to {_MAX_CHANGES_PER_RESPONSE}.",
+                FieldViolation(
+                    "max_changes_per_response", f"from 0 to {_MAX_CHANGES_PER_RESPONSE}."
+                ),
+            )
         heartbeat = 10.0
         if request.HasField("heartbeat_interval"):
             # Not through timedelta, which overflows past a few million years.
@@ -545,6 +561,7 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
             clock=time.monotonic,
         )
         Response = membership_service_pb2.WatchMembershipChangesResponse  # noqa: N806
+        Batch = membership_service_pb2.MembershipChangeBatch  # noqa: N806
         streaming = trace.get_current_span().get_span_context()
         links = [trace.Link(streaming)] if streaming.is_valid else []
         # Per dataset: which tenant holds streams open is what an operator asks of it.
@@ -559,28 +576,68 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
                         )
                     )
                     continue
-                response = Response(change=change_message(dataset, item.row, item.token))
-                if item.row.trace_parent is None:
-                    yield response
-                    continue
-                # Not made current: the generator may be closed at the yield, in a context
-                # other than the one the span would have been attached to.
-                span = self._tracer.start_span(
-                    "segment_engine deliver membership change",
-                    context=extract({"traceparent": item.row.trace_parent}),
-                    kind=trace.SpanKind.PRODUCER,
-                    links=links,
-                    attributes={
-                        "audience.segment": response.change.segment,
-                        "audience.membership.change": item.row.change.name.lower(),
-                    },
-                )
-                try:
-                    yield response
-                finally:
-                    span.end()
+                delivered = [
+                    (change, change_message(dataset, change.row, change.token)) for change in item
+                ]
+                for group in _batches(delivered, max(per_response, 1)):
+                    messages = [message for _, message in group]
+                    response = (
+                        Response(batch=Batch(changes=messages))
+                        if per_response > 1
+                        else Response(change=messages[0])
+                    )
+                    # Not made current: the generator may be closed at the yield, in a
+                    # context other than the one the spans would have been attached to.
+                    spans = [
+                        self._delivery_span(change, message, links)
+                        for change, message in group
+                        if change.row.trace_parent is not None
+                    ]
+                    try:
+                        yield response
+                    finally:
+                        for span in spans:
+                            span.end()
         finally:
             self._subscribers.add(-1, subscriber)
+
+    def _delivery_span(
+        self,
+        change: StreamedChange,
+        message: membership_pb2.MembershipChange,
+        links: list[trace.Link],
+    ) -> trace.Span:
+        return self._tracer.start_span(
+            "segment_engine deliver membership change",
+            context=extract({"traceparent": change.row.trace_parent or ""}),
+            kind=trace.SpanKind.PRODUCER,
+            links=links,
+            attributes={
+                "audience.segment": message.segment,
+                "audience.membership.change": change.row.change.name.lower(),
+            },
+        )
+
+
+_Delivered = tuple[StreamedChange, membership_pb2.MembershipChange]
+
+
+def _batches(
+    delivered: list[_Delivered], most: int, budget: int = _BATCH_BYTES
+) -> Iterator[list[_Delivered]]:
+    """Runs of at most ``most`` changes and, past their first, ``budget`` bytes."""
+    batch: list[_Delivered] = []
+    size = 0
+    for pair in delivered:
+        length = pair[1].ByteSize()
+        if batch and (len(batch) >= most or size + length > budget):
+            yield batch
+            batch = []
+            size = 0
+        batch.append(pair)
+        size += length
+    if batch:
+        yield batch
 
 
 def _member_responses(

@@ -181,8 +181,9 @@ async def watch_changes(
     retention: int,
     batch: int,
     clock: Callable[[], float],
-) -> AsyncIterator[StreamedChange | Heartbeat]:
-    """Streams a dataset's changes from ``start``, with heartbeats when idle.
+) -> AsyncIterator[list[StreamedChange] | Heartbeat]:
+    """Streams a dataset's changes from ``start``, with heartbeats when idle: the changes
+    of each log read together, in order (never an empty list).
 
     Args:
         segments: only changes of these segment ids; all when empty.
@@ -212,11 +213,13 @@ async def watch_changes(
             )
             if position < read.pruned:
                 raise _expired("The subscriber fell behind the change log's retention.")
-            for row in read.rows:
-                yield StreamedChange(row, encode_token(dataset, row.seq, row.time))
-            position = read.position
             if read.rows:
+                yield [
+                    StreamedChange(row, encode_token(dataset, row.seq, row.time))
+                    for row in read.rows
+                ]
                 last_sent = clock()
+            position = read.position
             if len(read.rows) >= batch or position < read.head:
                 continue
             idle = clock() - last_sent

@@ -63,7 +63,11 @@ class Subscriber:
 
     def _request(self) -> membership_service_pb2.WatchMembershipChangesRequest:
         request = membership_service_pb2.WatchMembershipChangesRequest(
-            parent=PARENT, heartbeat_interval=duration_pb2.Duration(seconds=1)
+            parent=PARENT,
+            heartbeat_interval=duration_pb2.Duration(seconds=1),
+            # Every other stream in batches, so drops land mid-batch as well as between
+            # single changes.
+            max_changes_per_response=50 if self.opened % 2 else 0,
         )
         if self.token is None:
             start = timestamp_pb2.Timestamp()
@@ -103,8 +107,9 @@ class Subscriber:
             backoff = min(backoff * 2, 1.0)
 
     async def _received(self, reply: membership_service_pb2.WatchMembershipChangesResponse) -> None:
-        if reply.HasField("change"):
-            change = reply.change
+        which = reply.WhichOneof("message")
+        changes = [reply.change] if which == "change" else reply.batch.changes
+        for change in changes:
             self.token = change.resume_token
             self.changes.append(
                 SeenChange(
@@ -117,7 +122,7 @@ class Subscriber:
                     time=micros_from_timestamp(change.change_time),
                 )
             )
-        else:
+        if which == "heartbeat":
             self.token = reply.heartbeat.resume_token
             async with self._heartbeat:
                 self.heartbeat_time = micros_from_timestamp(reply.heartbeat.time)

@@ -485,6 +485,8 @@ def watch(
         segments=[_segment(s, dataset) for s in segment_filter],
         kind=_CHANGE_KINDS[kind] if kind else membership_pb2.MEMBERSHIP_CHANGE_KIND_UNSPECIFIED,
         heartbeat_interval=duration_pb2.Duration(seconds=max(1, round(heartbeat))),
+        # A busy dataset prints many changes a second: fewer, fuller responses keep up.
+        max_changes_per_response=100,
     )
     if resume_token and since:
         raise click.UsageError("give --resume or --since, not both")
@@ -505,16 +507,16 @@ def watch(
                         f"  resume: {response.heartbeat.resume_token}[/dim]"
                     )
                 continue
-            change = response.change
-            if as_json:
-                click.echo(json_format.MessageToJson(change, indent=None))
-                continue
-            verb = "[green]joined[/green]" if change.kind == 1 else "[red]left[/red]"
-            console.print(
-                f"{_when(change.change_time)}  {change.member.split('/', 2)[2]} {verb}"
-                f" {change.segment.rsplit('/', 1)[1]} (v{change.segment_version})"
-                f"  [dim]{_reason(change)}  resume: {change.resume_token}[/dim]"
-            )
+            for change in response.batch.changes:
+                if as_json:
+                    click.echo(json_format.MessageToJson(change, indent=None))
+                    continue
+                verb = "[green]joined[/green]" if change.kind == 1 else "[red]left[/red]"
+                console.print(
+                    f"{_when(change.change_time)}  {change.member.split('/', 2)[2]} {verb}"
+                    f" {change.segment.rsplit('/', 1)[1]} (v{change.segment_version})"
+                    f"  [dim]{_reason(change)}  resume: {change.resume_token}[/dim]"
+                )
 
     with contextlib.suppress(KeyboardInterrupt):
         _call(address, action)

@@ -464,12 +464,20 @@ class WatchMembershipChangesRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    MAX_CHANGES_PER_RESPONSE_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """Required. The dataset, `datasets/{dataset}`."""
     kind: _membership_pb2.MembershipChangeKind.ValueType
     """Only changes of this kind; both when unspecified."""
     resume_token: _builtins.str
     """Deliver changes after the change (or heartbeat) that carried this token."""
+    max_changes_per_response: _builtins.int
+    """The most changes one response may carry, from 0 to 1,000. Above 1, changes read from
+    the log together are sent together, in a response's `batch`, in order (nothing waits
+    to fill a batch); each keeps its own resume token. 0 or 1 (the default): each change
+    in a response of its own, in `change`. A busy subscriber should ask for batches: a
+    response costs both ends far more than a change does.
+    """
     @_builtins.property
     def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only changes of these segments, `datasets/{dataset}/segments/{segment}`; all when
@@ -495,10 +503,11 @@ class WatchMembershipChangesRequest(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         resume_token: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        max_changes_per_response: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resume_token", b"resume_token", "start_from", b"start_from", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "kind", b"kind", "parent", b"parent", "resume_token", b"resume_token", "segments", b"segments", "start_from", b"start_from", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "kind", b"kind", "max_changes_per_response", b"max_changes_per_response", "parent", b"parent", "resume_token", b"resume_token", "segments", b"segments", "start_from", b"start_from", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_start_from: _TypeAlias = _typing.Literal["start_time", "resume_token"]  # noqa: Y015
     _WhichOneofArgType_start_from: _TypeAlias = _typing.Literal["start_from", b"start_from"]  # noqa: Y015
@@ -514,6 +523,7 @@ class WatchMembershipChangesResponse(_message.Message):
 
     CHANGE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def change(self) -> _membership_pb2.MembershipChange:
         """A join or leave."""
@@ -522,21 +532,50 @@ class WatchMembershipChangesResponse(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Nothing new; the token to resume from."""
 
+    @_builtins.property
+    def batch(self) -> Global___MembershipChangeBatch:
+        """Joins and leaves, in order, when the request set `max_changes_per_response` above 1."""
+
     def __init__(
         self,
         *,
         change: _membership_pb2.MembershipChange | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        batch: Global___MembershipChangeBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "change", b"change", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "change", b"change", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["change", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["change", "heartbeat", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WatchMembershipChangesResponse: _TypeAlias = WatchMembershipChangesResponse  # noqa: Y015
+
+@_typing.final
+class MembershipChangeBatch(_message.Message):
+    """Membership changes delivered together, in the order of the change stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[_membership_pb2.MembershipChange]:
+        """The changes; the last one's resume token is where the batch ends."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[_membership_pb2.MembershipChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembershipChangeBatch: _TypeAlias = MembershipChangeBatch  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):

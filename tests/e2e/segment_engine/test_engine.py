@@ -83,7 +83,11 @@ class Subscriber:
 
     @property
     def changes(self) -> list[membership_pb2.MembershipChange]:
-        return [item.change for item in self.items if item.HasField("change")]
+        return [
+            change
+            for item in self.items
+            for change in ([item.change] if item.HasField("change") else item.batch.changes)
+        ]
 
     async def until(
         self, count: int, within: float = 10.0
@@ -376,6 +380,59 @@ async def test_heartbeats_carry_tokens_that_resume_after_everything_before_them(
         await subscriber.stop()
     assert change.member.endswith("/b")
     assert len(subscriber.changes) == 1
+
+
+async def test_changes_come_in_batches_when_asked_and_resume_from_inside_one(
+    start_suite: StartSuite,
+) -> None:
+    async with engine(start_suite) as e:
+        segment = await e.clients.create(e.dataset, "pro", 'attributes.plan = "pro"')
+        await e.clients.wait_active(segment.name)
+        token = await _heartbeat_token(e)
+        await e.feed.publish(
+            [
+                e.feed.change(f"p{n}", attributes_view(plan="pro"), ["attribute:plan"])
+                for n in range(30)
+            ]
+        )
+        single = watch(e, resume_token=token)
+        expected = await single.until(30)
+        # All logged by now, so each stream reads them at once.
+        batched = watch(e, resume_token=token, max_changes_per_response=7)
+        one_each = watch(e, resume_token=token, max_changes_per_response=1)
+        await batched.until(30)
+        await one_each.until(30)
+        middle = next(
+            item.batch.changes[2] for item in batched.items if len(item.batch.changes) > 3
+        )
+        resumed = watch(e, resume_token=middle.resume_token, max_changes_per_response=1000)
+        after_middle = expected[[c.resume_token for c in expected].index(middle.resume_token) + 1 :]
+        await resumed.until(len(after_middle))
+        await asyncio.sleep(0.3)
+        for subscriber in (single, batched, one_each, resumed):
+            await subscriber.stop()
+
+    assert len({change.member for change in expected}) == 30
+    assert batched.changes == expected
+    sizes = [len(item.batch.changes) for item in batched.items if item.HasField("batch")]
+    assert max(sizes) == 7
+    assert sum(sizes) == 30
+    assert all(item.HasField("change") for item in single.items)
+    assert one_each.items == single.items
+    assert resumed.changes == after_middle
+
+
+@pytest.mark.parametrize("per_response", [-1, 1001])
+async def test_a_batch_size_out_of_range_is_invalid_argument(
+    start_suite: StartSuite, per_response: int
+) -> None:
+    async with engine(start_suite) as e:
+        call = e.clients.memberships.WatchMembershipChanges(
+            membership_service_pb2.WatchMembershipChangesRequest(
+                parent=f"datasets/{e.dataset}", max_changes_per_response=per_response
+            )
+        )
+        assert await _refused(call.read()) == ["max_changes_per_response"]
 
 
 async def test_a_filtered_subscriber_sees_only_its_segments_and_kind(

@@ -1,11 +1,14 @@
-"""Resume tokens, commit notifications, the membership cache and CSV uploads."""
+"""Resume tokens, commit notifications, the membership cache, CSV uploads and the batches
+of the change stream."""
 
 from __future__ import annotations
 
 import pytest
 
 from audience.errors import AudienceError
+from audience.v1 import membership_pb2
 from services.segment_engine.domain.model import (
+    ChangeKind,
     Kind,
     Membership,
     member_name,
@@ -13,9 +16,12 @@ from services.segment_engine.domain.model import (
     parse_segment,
 )
 from services.segment_engine.domain.tokens import decode_token, encode_token
+from services.segment_engine.grpc import _batches
 from services.segment_engine.memberships import MemberPage, MembershipCache
 from services.segment_engine.segments import _CsvIds
+from services.segment_engine.store.log import LogRow
 from services.segment_engine.store.state import notify_payload, parse_notify_payload
+from services.segment_engine.watch import StreamedChange
 
 
 def test_a_token_round_trips_and_is_opaque() -> None:
@@ -111,3 +117,23 @@ def test_csv_without_a_header_reads_the_first_column() -> None:
     ids, bad = reader.feed(b'p1,x\n"p2",y\n' + b"z" * 300 + b"\n")
     assert ids == ["p1", "p2"]
     assert bad == 1
+
+
+def _delivered(sizes: list[int]) -> list[tuple[StreamedChange, membership_pb2.MembershipChange]]:
+    """Changes whose encodings take about ``sizes`` bytes each."""
+    row = LogRow(1, Kind.USER, "p", "s", 1, ChangeKind.JOIN, 0, b"", None)
+    return [
+        (StreamedChange(row, f"t{n}"), membership_pb2.MembershipChange(member="m" * size))
+        for n, size in enumerate(sizes)
+    ]
+
+
+def test_changes_are_batched_by_count_and_by_bytes_in_order() -> None:
+    delivered = _delivered([10] * 7)
+    assert [len(b) for b in _batches(delivered, 3)] == [3, 3, 1]
+    assert [pair for batch in _batches(delivered, 3) for pair in batch] == delivered
+    assert [len(b) for b in _batches(delivered, 1)] == [1] * 7
+
+    big = _delivered([400, 400, 400, 2000, 10])
+    # Cut before a change that would pass the budget; one over it alone goes by itself.
+    assert [len(b) for b in _batches(big, 100, budget=1000)] == [2, 1, 1, 1]

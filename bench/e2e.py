@@ -6,7 +6,8 @@ membership change, with 1,000 segments of mixed kinds.
 
 Ingest, profile and the segment engine run as their own processes (``python -m
 services.<name>``), as deployed; this process sends events (``SendEvents`` batches) and
-watches the dataset's membership changes. Segments: attribute, behaviour (windowed
+watches the dataset's membership changes (asking for them in batches of up to 500, as a
+busy subscriber should; ADR 0003). Segments: attribute, behaviour (windowed
 counts), cart, segment-reference and account roll-up rules. Phases:
 
 1. Warm-up: one identify per user, so every profile exists (a new profile is evaluated

@@ -1,9 +1,13 @@
-"""``audience segments``, ``explain`` and ``members`` against a running engine."""
+"""``audience segments``, ``explain``, ``members`` and ``watch`` against a running engine."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -72,3 +76,50 @@ async def test_segments_explain_and_members_from_the_command_line(
         deleted = await _run(suite, dataset, "segments", "delete", "pro")
         assert deleted.exit_code == 0
         await Clients(suite.channel).eventually_segments(dataset, "p1", set())
+
+
+async def _watched(suite: RunningSuite, dataset: str, count: int, *args: str) -> list[Any]:
+    """The first ``count`` changes ``audience watch --json`` prints; then it is stopped."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from audience.cli.main import main; main()",
+        "watch",
+        "--address",
+        suite.address,
+        "--dataset",
+        dataset,
+        "--json",
+        *args,
+        env={**os.environ, "AUDIENCE_API_KEY": suite.api_key},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        return [
+            json.loads(await asyncio.wait_for(process.stdout.readline(), 20)) for _ in range(count)
+        ]
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_watch_prints_changes_with_tokens_to_resume_from(start_suite: StartSuite) -> None:
+    fake = fake_profiles()
+    async with start_suite([DEFINITION, fake_profile_definition(fake)]) as suite:
+        dataset = new_dataset()
+        feed = Feed(suite.resources.bus, dataset, fake)
+        since = datetime.now(UTC).isoformat()
+        created = await _run(
+            suite, dataset, "segments", "create", "pro", "--rule", 'attributes.plan = "pro"'
+        )
+        assert created.exit_code == 0, created.output
+        await feed.publish(
+            [feed.change(f"p{n}", attributes_view(plan="pro"), ["x"]) for n in range(3)]
+        )
+        everything = await _watched(suite, dataset, 3, "--since", since)
+        rest = await _watched(suite, dataset, 2, "--resume", everything[0]["resumeToken"])
+
+    assert sorted(change["member"].rsplit("/", 1)[1] for change in everything) == ["p0", "p1", "p2"]
+    assert {change["kind"] for change in everything} == {"MEMBERSHIP_CHANGE_KIND_JOIN"}
+    assert rest == everything[1:]

@@ -20,9 +20,9 @@ from services.segment_engine.store.sql import from_micros, micros
 __all__ = ["START_TIME_MARGIN", "ChangeLog", "LogRead", "LogRow", "PastMembership"]
 
 START_TIME_MARGIN = 300_000_000
-"""Microseconds. A change's time is taken before its transaction allocates its position,
-so positions and times may disagree by up to a transaction's length; starting from a time
-looks this much further back, and the stream then drops changes older than the time."""
+"""Microseconds: the longest a transaction takes from a change's time to allocating its
+position. Positions and times may disagree by up to that, so starting from a time looks
+this much further back, and the stream then drops changes older than the time."""
 
 _SCAN = 50_000
 """The most positions one read scans, so a selective filter never scans the whole log."""
@@ -152,17 +152,27 @@ class ChangeLog:
         return record["head"], record["pruned"], record["now"]
 
     async def position_at(self, dataset: str, time: int) -> int:
-        """A position before every change at or after ``time`` (see START_TIME_MARGIN)."""
+        """A position before every change at or after ``time`` (see START_TIME_MARGIN).
+
+        The earliest change in time is not the first in position: a change timed later
+        can take its position first. The first position among the changes from ``time``
+        belongs to one allocated no later than the earliest of them in time was, so it is
+        timed at most a margin after that one: only that stretch of the log is searched.
+        """
+        since = from_micros("$2::bigint")
         record = await self._pool.fetchrow(
             f"""
-            SELECT c.seq FROM segment_engine.changes AS c
-            WHERE c.dataset = $1 AND c.change_time >= {from_micros("$2::bigint")}
-            ORDER BY c.change_time LIMIT 1
+            SELECT min(c.seq) AS seq FROM segment_engine.changes AS c
+            WHERE c.dataset = $1 AND c.change_time >= {since}
+              AND c.change_time <= (
+                  SELECT min(e.change_time) FROM segment_engine.changes AS e
+                  WHERE e.dataset = $1 AND e.change_time >= {since}
+              ) + {START_TIME_MARGIN} * interval '1 microsecond'
             """,
             dataset,
             time - START_TIME_MARGIN,
         )
-        if record is None:
+        if record is None or record["seq"] is None:
             head, _, _ = await self.head(dataset)
             return head
         return max(0, int(record["seq"]) - 1)

@@ -93,15 +93,22 @@ async def _watched(suite: RunningSuite, dataset: str, count: int, *args: str) ->
         *args,
         env={**os.environ, "AUDIENCE_API_KEY": suite.api_key},
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
+    assert process.stderr is not None
+    lines: list[bytes] = []
     try:
-        return [
-            json.loads(await asyncio.wait_for(process.stdout.readline(), 20)) for _ in range(count)
-        ]
-    finally:
+        for _ in range(count):
+            lines.append(await asyncio.wait_for(process.stdout.readline(), 20))
+    except TimeoutError:
         process.terminate()
+        raise AssertionError(f"{lines}, stderr: {await process.stderr.read()!r}") from None
+    finally:
+        if process.returncode is None:
+            process.terminate()
         await process.wait()
+    return [json.loads(line) for line in lines]
 
 
 async def test_watch_prints_changes_with_tokens_to_resume_from(start_suite: StartSuite) -> None:

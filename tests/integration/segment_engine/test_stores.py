@@ -14,7 +14,7 @@ import pytest
 
 from audience import db
 from services.segment_engine.domain.model import Cause, Change, ChangeKind, Kind, Reason
-from services.segment_engine.store.log import ChangeLog
+from services.segment_engine.store.log import START_TIME_MARGIN, ChangeLog
 from services.segment_engine.store.state import StateStore, WriteBatch
 
 pytestmark = pytest.mark.integration
@@ -144,6 +144,29 @@ async def test_pruning_moves_the_pruned_position_past_old_changes(pool: asyncpg.
     read = await log.read(dataset, 0, limit=10)
     assert read.pruned == kept[0] - 1
     assert [row.subject_id for row in read.rows] == ["new"]
+
+
+async def test_starting_from_a_time_misses_no_change_timed_later_but_logged_first(
+    pool: asyncpg.Pool,
+) -> None:
+    # Two evaluations timed 10 and 20 ms after the start time; the later one allocated its
+    # position first (seen in a CLI test: the first join was skipped).
+    dataset = _dataset()
+    state = StateStore("test")
+    log = ChangeLog(pool)
+    start = 1_700_000_000_000_000
+    await _write(pool, state, dataset, [_change("too-old", "s", start - 10 * START_TIME_MARGIN)], 0)
+    await _write(pool, state, dataset, [_change("later", "s", start + 20_000)], 0)
+    await _write(pool, state, dataset, [_change("earlier", "s", start + 10_000)], 0)
+    await _write(
+        pool, state, dataset, [_change("much-later", "s", start + 2 * START_TIME_MARGIN)], 0
+    )
+
+    position = await log.position_at(dataset, start)
+    read = await log.read(dataset, position, limit=10)
+
+    assert [row.subject_id for row in read.rows] == ["later", "earlier", "much-later"]
+    assert await log.position_at(dataset, start + 4 * START_TIME_MARGIN) == read.head
 
 
 async def test_memberships_at_a_past_time_undo_later_changes(pool: asyncpg.Pool) -> None:

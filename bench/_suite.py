@@ -23,6 +23,7 @@ import asyncpg
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
 
 from audience.auth import SCOPES, generate_api_key, hash_api_key
 from audience.channels import api_key_interceptors
@@ -39,6 +40,7 @@ __all__ = [
     "latency_summary",
     "log",
     "parse_options",
+    "redis_namespace",
     "run_clients",
     "scratch_database",
     "serve_echo",
@@ -148,6 +150,28 @@ async def scratch_database(admin_dsn: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def redis_namespace(redis_url: str) -> AsyncIterator[str]:
+    """A key namespace of its own on ``redis_url``, its keys deleted when the block ends
+    (a shared Redis outlives every run)."""
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    try:
+        yield namespace
+    finally:
+        redis = Redis.from_url(redis_url)
+        try:
+            batch: list[Any] = []
+            async for key in redis.scan_iter(match=f"{namespace}:*", count=10_000):
+                batch.append(key)
+                if len(batch) >= 10_000:
+                    await redis.unlink(*batch)
+                    batch = []
+            if batch:
+                await redis.unlink(*batch)
+        finally:
+            await redis.aclose()
 
 
 @contextlib.asynccontextmanager

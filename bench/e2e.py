@@ -72,6 +72,7 @@ from bench._suite import (
     latency_summary,
     log,
     parse_options,
+    redis_namespace,
     scratch_database,
     serve_echo,
     servers,
@@ -329,12 +330,23 @@ async def _flood(
 async def _suite(
     directory: Path, dsn: str, redis_url: str, keys: BenchKeys
 ) -> AsyncIterator[dict[str, str]]:
+    async with (
+        redis_namespace(redis_url) as namespace,
+        _services(directory, dsn, redis_url, namespace, keys) as addresses,
+    ):
+        yield addresses
+
+
+@contextlib.asynccontextmanager
+async def _services(
+    directory: Path, dsn: str, redis_url: str, namespace: str, keys: BenchKeys
+) -> AsyncIterator[dict[str, str]]:
     addresses = {name: f"127.0.0.1:{free_port()}" for name in ("ingest", "profile", "engine")}
     environ = {
         "PATH": "/usr/bin:/bin",
         "AUDIENCE_POSTGRES_DSN": dsn,
         "AUDIENCE_REDIS_URL": redis_url,
-        "AUDIENCE_REDIS_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
+        "AUDIENCE_REDIS_NAMESPACE": namespace,
         "AUDIENCE_PROFILE_ADDRESS": addresses["profile"],
         "AUDIENCE_SEGMENT_ENGINE_ADDRESS": addresses["engine"],
         "AUDIENCE_INGEST_ADDRESS": addresses["ingest"],
@@ -375,7 +387,7 @@ async def _suite(
         yield {
             **addresses,
             "echo": f"127.0.0.1:{echo}",
-            "namespace": environ["AUDIENCE_REDIS_NAMESPACE"],
+            "namespace": namespace,
         }
 
 

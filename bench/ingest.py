@@ -53,7 +53,7 @@ from audience.server import Host
 from audience.service import Resources, migrate, tune_garbage_collection
 from audience.telemetry import Telemetry
 from audience.v1 import event_pb2, ingest_service_pb2
-from bench._suite import parse_options
+from bench._suite import parse_options, redis_namespace
 from services.ingest.app import DEFINITION as INGEST
 
 GOAL_EVENTS_PER_S = 200_000
@@ -315,8 +315,7 @@ def summarise_profile(path: Path, top: int = 20) -> list[str]:
 
 
 async def run_ingest(options: argparse.Namespace, admin_dsn: str, redis_url: str) -> dict[str, Any]:
-    namespace = f"audience-bench-{uuid.uuid4().hex[:8]}"
-    async with scratch_database(admin_dsn) as dsn:
+    async with scratch_database(admin_dsn) as dsn, redis_namespace(redis_url) as namespace:
         environ = {
             "AUDIENCE_LISTEN": "127.0.0.1:0",
             "AUDIENCE_REDIS_NAMESPACE": namespace,
@@ -373,20 +372,8 @@ async def run_ingest(options: argparse.Namespace, admin_dsn: str, redis_url: str
                 ]
             )
         finally:
-            await _delete_namespace(resources.redis, namespace)
             await resources.close()
     return result
-
-
-async def _delete_namespace(redis: Redis, namespace: str) -> None:
-    batch: list[Any] = []
-    async for key in redis.scan_iter(match=f"{namespace}:*", count=10_000):
-        batch.append(key)
-        if len(batch) >= 10_000:
-            await redis.unlink(*batch)
-            batch = []
-    if batch:
-        await redis.unlink(*batch)
 
 
 async def run_echo(options: argparse.Namespace, redis_url: str) -> dict[str, Any]:

@@ -62,6 +62,7 @@ from bench._suite import (
     free_port,
     log,
     parse_options,
+    redis_namespace,
     scratch_database,
     servers,
     service,
@@ -431,8 +432,11 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
     events = Traffic(options.events, options.visitors).events()
     with tempfile.TemporaryDirectory(prefix="audience-bench-") as folder:
         directory = Path(folder)
-        async with servers(directory) as (admin_dsn, redis_url), scratch_database(admin_dsn) as dsn:
-            namespace = f"bench-{uuid.uuid4().hex[:8]}"
+        async with (
+            servers(directory) as (admin_dsn, redis_url),
+            scratch_database(admin_dsn) as dsn,
+            redis_namespace(redis_url) as namespace,
+        ):
             await _register(dsn, options.aggregates)
             redis = Redis.from_url(redis_url)
             bus = Bus(redis, namespace=namespace, partitions=PARTITIONS)

@@ -294,6 +294,12 @@ class EmbeddedPostgres:
             )
             if result.returncode == 0:
                 return port
+            if result.returncode < 0 and not self._running():
+                # Killed by a signal before pg_ctl started anything: the forked child of a
+                # process whose gRPC threads hold locks can crash before its exec (a
+                # SIGSEGV, once, in the long fault test's PostgreSQL restarts).
+                _log.warning("pg_ctl died of signal %d; starting again", -result.returncode)
+                continue
             log = _read_from(self.log_path, log_offset)
             if self._wanted_port is None and "Address already in use" in log:
                 continue
@@ -301,7 +307,7 @@ class EmbeddedPostgres:
                 f"PostgreSQL did not start on port {port} (pg_ctl exit {result.returncode}):\n"
                 f"{result.stderr}{log}"
             )
-        raise EmbeddedError(f"PostgreSQL found no free port in {_PORT_ATTEMPTS} attempts")
+        raise EmbeddedError(f"PostgreSQL did not start in {_PORT_ATTEMPTS} attempts")
 
     def _stop_server(self) -> None:
         if not self._running():

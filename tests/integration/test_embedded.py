@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
-from audience.embedded import EmbeddedError, EmbeddedServers
+from audience.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedServers
 
 pytestmark = pytest.mark.integration
 
@@ -206,3 +207,36 @@ async def test_ctrl_c_leaves_no_server_running(data_dir: Path, holder: str) -> N
 
     assert b"KeyboardInterrupt" in stderr
     assert processes_using(data_dir) == []
+
+
+def test_postgresql_starts_when_a_first_pg_ctl_dies_of_a_signal(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the long fault test once saw: the forked child crashed before running pg_ctl.
+    postgres = EmbeddedPostgres(data_dir / "postgres")
+    run = EmbeddedPostgres._run
+    crashes: list[str] = []
+
+    def crash_first_start(
+        self: EmbeddedPostgres, tool: str, *args: str, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        if tool == "pg_ctl" and args[0] == "start" and not crashes:
+            crashes.append(tool)
+            return subprocess.CompletedProcess([tool], -signal.SIGSEGV, "", "")
+        return run(self, tool, *args, timeout=timeout)
+
+    monkeypatch.setattr(EmbeddedPostgres, "_run", crash_first_start)
+    dsn = postgres.start()
+    try:
+        assert crashes == ["pg_ctl"]
+
+        async def select_one() -> int:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return int(await conn.fetchval("SELECT 1"))
+            finally:
+                await conn.close()
+
+        assert asyncio.run(select_one()) == 1
+    finally:
+        postgres.stop()

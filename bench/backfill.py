@@ -25,7 +25,6 @@ import asyncio
 import json
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from bench._suite import (
     free_port,
     log,
     parse_options,
+    redis_namespace,
     scratch_database,
     servers,
     service,
@@ -155,7 +155,11 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
     expected = sum(1 for n in range(options.profiles) if _score(n) >= threshold)
     with tempfile.TemporaryDirectory(prefix="audience-bench-") as folder:
         directory = Path(folder)
-        async with servers(directory) as (admin_dsn, redis_url), scratch_database(admin_dsn) as dsn:
+        async with (
+            servers(directory) as (admin_dsn, redis_url),
+            scratch_database(admin_dsn) as dsn,
+            redis_namespace(redis_url) as namespace,
+        ):
             address = f"127.0.0.1:{free_port()}"
             profile_address = f"127.0.0.1:{free_port()}"
             keys = bench_keys()
@@ -163,7 +167,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 "PATH": "/usr/bin:/bin",
                 "AUDIENCE_POSTGRES_DSN": dsn,
                 "AUDIENCE_REDIS_URL": redis_url,
-                "AUDIENCE_REDIS_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
+                "AUDIENCE_REDIS_NAMESPACE": namespace,
                 "AUDIENCE_PROFILE_ADDRESS": profile_address,
                 "AUDIENCE_LOG_LEVEL": "warning",
                 "AUDIENCE_SEGMENT_ENGINE_BACKFILL_POLL": "50ms",

@@ -55,6 +55,7 @@ from bench._suite import (
     free_port,
     log,
     parse_options,
+    redis_namespace,
     scratch_database,
     servers,
     service,
@@ -233,6 +234,7 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, Any]:
         async with (
             servers(directory) as (admin_dsn, redis_url),
             scratch_database(admin_dsn) as dsn,
+            redis_namespace(redis_url) as namespace,
             contextlib.AsyncExitStack() as stack,
         ):
             addresses = {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
@@ -241,7 +243,7 @@ async def run(members: int, profile_dir: Path | None) -> dict[str, Any]:
                 **os.environ,
                 "AUDIENCE_POSTGRES_DSN": dsn,
                 "AUDIENCE_REDIS_URL": redis_url,
-                "AUDIENCE_REDIS_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
+                "AUDIENCE_REDIS_NAMESPACE": namespace,
                 "AUDIENCE_PROFILE_ADDRESS": addresses["profile"],
                 "AUDIENCE_SEGMENT_ENGINE_ADDRESS": addresses["segment_engine"],
                 "AUDIENCE_EXPORT_ADDRESS": addresses["export"],

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import tempfile
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from bench._suite import (
     latency_summary,
     log,
     parse_options,
+    redis_namespace,
     run_clients,
     scratch_database,
     serve_echo,
@@ -169,7 +169,11 @@ async def _load(
 async def _run(options: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="audience-bench-") as folder:
         directory = Path(folder)
-        async with servers(directory) as (admin_dsn, redis_url), scratch_database(admin_dsn) as dsn:
+        async with (
+            servers(directory) as (admin_dsn, redis_url),
+            scratch_database(admin_dsn) as dsn,
+            redis_namespace(redis_url) as namespace,
+        ):
             engine_address = f"127.0.0.1:{free_port()}"
             echo_address = f"127.0.0.1:{free_port()}"
             keys = bench_keys()
@@ -177,7 +181,7 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                 "PATH": "/usr/bin:/bin",
                 "AUDIENCE_POSTGRES_DSN": dsn,
                 "AUDIENCE_REDIS_URL": redis_url,
-                "AUDIENCE_REDIS_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
+                "AUDIENCE_REDIS_NAMESPACE": namespace,
                 "AUDIENCE_LISTEN": engine_address,
                 "AUDIENCE_LOG_LEVEL": "warning",
                 # Authentication on, as deployed: every call pays for its key's check.

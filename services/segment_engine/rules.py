@@ -91,20 +91,12 @@ class CompiledSegmentRule:
         rollups: Mapping[str, int],
         before_mask: int,
     ) -> tuple[rule_pb2.RuleExplanation, ...]:
-        changed = before_mask ^ self._compiled.leaf_mask(view, now, segments, rollups)
+        compiled = self._compiled
+        changed = before_mask ^ compiled.leaf_mask(view, now, segments, rollups)
         if not changed:
             return ()
-        paths = {
-            path for index, path in enumerate(self._compiled.leaf_paths) if changed >> index & 1
-        }
-        found: list[rule_pb2.RuleExplanation] = []
-        stack = [self._compiled.explain(view, now, segments, rollups)]
-        while stack:
-            node = stack.pop()
-            if not node.children and node.path in paths:
-                found.append(node)
-            stack.extend(reversed(node.children))
-        return tuple(found)
+        flipped = [index for index in range(changed.bit_length()) if changed >> index & 1]
+        return compiled.explain_conditions(flipped, view, now, segments, rollups)
 
     def next_change(
         self, view: Any, now: int, segments: Container[str], rollups: Mapping[str, int]

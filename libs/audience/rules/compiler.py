@@ -801,6 +801,76 @@ def _python_source(node: _Node, tests: Mapping[int, str]) -> str:
     return "(" + joiner.join(parts) + ")"
 
 
+class _NextSource:
+    """Generates the body of ``next_change``: statements that set each node's answer and
+    the instant time alone could change it into locals, children first."""
+
+    def __init__(self, tests: Mapping[int, str], timers: Mapping[int, str]) -> None:
+        self._tests = tests
+        self._timers = timers
+        self.lines: list[str] = []
+        self._count = 0
+
+    def _name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}{self._count}"
+
+    def _local(self, prefix: str, expression: str) -> str:
+        name = self._name(prefix)
+        self.lines.append(f"    {name} = {expression}")
+        return name
+
+    def node(self, node: _Node) -> tuple[str, str]:
+        """The names holding the node's answer and its next instant ("None" when time
+        alone cannot change it)."""
+        if not self._timed(node):
+            return self._local("_r", _python_source(node, self._tests)), "None"
+        if isinstance(node, _Leaf):
+            answer = self._local("_r", self._tests[id(node)])
+            return answer, self._local("_m", f"{self._timers[id(node)]}({_ARGS})")
+        outcomes = [self.node(child) for child in node.children]
+        if node.kind == "not":
+            answer, moment = outcomes[0]
+            return self._local("_r", f"not {answer}"), moment
+        joiner = " and " if node.kind == "all" else " or "
+        answer = self._local("_r", joiner.join(name for name, _ in outcomes))
+        # An `all` that is false stays false until every false child could turn (the latest
+        # of their times), an `any` that is true likewise; otherwise the first change of a
+        # child may flip it.
+        settled = f"not {answer}" if node.kind == "all" else answer
+        pairs = ", ".join(f"({name}, {moment})" for name, moment in outcomes)
+        moments = ", ".join(moment for _, moment in outcomes if moment != "None")
+        moment = self._name("_m")
+        self.lines.append(f"    if {settled}:")
+        self.lines.append(f"        {moment} = _latest_deciding({answer}, ({pairs},))")
+        self.lines.append("    else:")
+        self.lines.append(f"        {moment} = _soonest(({moments},))")
+        return answer, moment
+
+    def _timed(self, node: _Node) -> bool:
+        if isinstance(node, _Leaf):
+            return id(node) in self._timers
+        return any(self._timed(child) for child in node.children)
+
+
+def _soonest(moments: Iterable[int | None]) -> int | None:
+    present = [moment for moment in moments if moment is not None]
+    return min(present) if present else None
+
+
+def _latest_deciding(answer: bool, outcomes: Iterable[tuple[bool, int | None]]) -> int | None:
+    """The latest instant among the children that give the node its answer; None when one
+    of them never changes."""
+    latest: int | None = None
+    for result, moment in outcomes:
+        if result == answer:
+            if moment is None:
+                return None
+            if latest is None or moment > latest:
+                latest = moment
+    return latest
+
+
 def _merge_specs(leaves: Iterable[_Leaf]) -> tuple[profile_pb2.AggregateSpec, ...]:
     """The distinct aggregates, each with the longest retention asked for (0 is forever)."""
     merged: dict[str, profile_pb2.AggregateSpec] = {}
@@ -868,7 +938,6 @@ class CompiledRule:
         self.leaf_paths = tuple(leaf.site.path for leaf in self._leaves)
         self.leaf_texts = tuple(leaf.site.text for leaf in self._leaves)
         self._generate()
-        self.time_dependent = bool(self._timers)
         self.threshold = None if self.time_dependent else _threshold(self._root)
 
     def _generate(self) -> None:
@@ -889,10 +958,12 @@ class CompiledRule:
             _w_distinct=agg.window_distinct,
             _w_first=agg.window_first,
             _w_last=agg.window_last,
+            _soonest=_soonest,
+            _latest_deciding=_latest_deciding,
         )
         tests: dict[int, str] = {}
+        timers: dict[int, str] = {}
         lines: list[str] = []
-        timers: list[str | None] = []
         for index, leaf in enumerate(self._leaves):
             observe = leaf.py_observe(ns)
             test = leaf.py_test(ns, Var(f"_v{index}", observe))
@@ -902,22 +973,34 @@ class CompiledRule:
             timer = leaf.py_timer(ns)
             if timer is not None:
                 lines.append(f"def _timer{index}({_ARGS}):\n    return {timer}\n")
-            timers.append(timer)
+                timers[id(leaf)] = f"_timer{index}"
         lines.append(f"def _predicate({_ARGS}):\n    return {_python_source(self._root, tests)}\n")
         results = "".join(f"({tests[id(leaf)]}), " for leaf in self._leaves)
         lines.append(f"def _leaves({_ARGS}):\n    return ({results})\n")
+        # Straight-line code in place of a walk of the tree: it runs for every evaluation
+        # of a time-dependent rule, to set the subject's timer.
+        source = _NextSource(tests, timers)
+        root = self._root
+        if not timers:
+            moment = "None"
+        elif isinstance(root, _Leaf):
+            # A lone condition: its answer does not matter, only its timer.
+            moment = f"{timers[id(root)]}({_ARGS})"
+        else:
+            _, moment = source.node(root)
+        body = "".join(f"{line}\n" for line in source.lines)
+        lines.append(f"def _next_change({_ARGS}):\n{body}    return {moment}\n")
         exec(compile("".join(lines), "<rule>", "exec"), ns.values)
         values = ns.values
         self.predicate: Predicate = values["_predicate"]
         self._leaf_results: Callable[..., tuple[bool, ...]] = values["_leaves"]
         self._observers: dict[int, Callable[..., Any]] = {}
         self._tests: dict[int, Callable[..., bool]] = {}
-        self._timers: dict[int, Callable[..., int | None]] = {}
+        self._next_change: Callable[..., int | None] = values["_next_change"]
+        self.time_dependent = bool(timers)
         for index, leaf in enumerate(self._leaves):
             self._observers[id(leaf)] = values[f"_obs{index}"]
             self._tests[id(leaf)] = values[f"_leaf{index}"]
-            if timers[index] is not None:
-                self._timers[id(leaf)] = values[f"_timer{index}"]
 
     # Python evaluation.
 
@@ -970,28 +1053,7 @@ class CompiledRule:
         """The next instant after ``now`` at which the passing of time alone could change the
         answer; ``None`` when it cannot. Never later than the real change; it may be earlier
         (re-evaluate then, and ask again)."""
-        return self._next(self._root, (view, now, segments, rollups))[1]
-
-    def _next(self, node: _Node, args: tuple[Any, ...]) -> tuple[bool, int | None]:
-        if isinstance(node, _Leaf):
-            result = self._tests[id(node)](*args)
-            timer = self._timers.get(id(node))
-            return result, timer(*args) if timer is not None else None
-        outcomes = [self._next(child, args) for child in node.children]
-        if node.kind == "not":
-            result, moment = outcomes[0]
-            return not result, moment
-        result = all(r for r, _ in outcomes) if node.kind == "all" else any(r for r, _ in outcomes)
-        # An `all` that is false stays false until every false child could turn (the latest of
-        # their times), an `any` that is true likewise; otherwise the first change may flip it.
-        settled = (node.kind == "all") != result
-        if settled:
-            deciding = [moment for r, moment in outcomes if r == result]
-            if any(moment is None for moment in deciding):
-                return result, None
-            return result, max(deciding)  # type: ignore[type-var]
-        moments = [moment for _, moment in outcomes if moment is not None]
-        return result, min(moments) if moments else None
+        return self._next_change(view, now, segments, rollups)
 
     def explain(
         self,
@@ -1002,6 +1064,19 @@ class CompiledRule:
     ) -> rule_pb2.RuleExplanation:
         """Which clauses are true or false for the subject at ``now``, and the values seen."""
         return self._explain(self._root, (view, now, segments, rollups))
+
+    def explain_conditions(
+        self,
+        indexes: Iterable[int],
+        view: View,
+        now: int,
+        segments: Container[str] = NO_SEGMENTS,
+        rollups: Mapping[str, int] = EMPTY_ROLLUPS,
+    ) -> tuple[rule_pb2.RuleExplanation, ...]:
+        """The explanations of some conditions (indexes into ``leaf_paths``), each as
+        :meth:`explain` gives it in the tree, without explaining the rest."""
+        args = (view, now, segments, rollups)
+        return tuple(self._explain(self._leaves[index], args) for index in indexes)
 
     def _explain(self, node: _Node, args: tuple[Any, ...]) -> rule_pb2.RuleExplanation:
         out = rule_pb2.RuleExplanation(path=node.site.path, text=node.site.text)

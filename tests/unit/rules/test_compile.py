@@ -252,6 +252,26 @@ def test_nothing_changes_before_next_change(data: st.DataObject) -> None:
         assert compiled.matches(view, probe, segments) == answer, probe
 
 
+@given(data=st.data())
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_conditions_explained_alone_read_as_in_the_whole_explanation(
+    data: st.DataObject,
+) -> None:
+    rule = data.draw(gen.user_rules([gen.SEGMENT_USER]))
+    compiled = compile_rule(rule)
+    now = data.draw(st.sampled_from(gen.NOWS))
+    view = data.draw(gen.views("u", compiled.aggregates, gen.boundaries(rule, now)))
+    leaves = []
+    stack = [compiled.explain(view, now)]
+    while stack:
+        node = stack.pop()
+        if node.path in compiled.leaf_paths:
+            leaves.append(node)
+        stack.extend(reversed(node.children))
+    wanted = sorted(data.draw(st.sets(st.integers(0, len(leaves) - 1)))) if leaves else []
+    assert compiled.explain_conditions(wanted, view, now) == tuple(leaves[i] for i in wanted)
+
+
 def test_explanations_give_paths_values_and_what_is_missing() -> None:
     rule = _rule('cart.value < 100 and (location.country = "US" or attributes.vip = true)')
     view = View(subject_id="u", cart_value=120.0, country="FR")

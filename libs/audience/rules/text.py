@@ -165,6 +165,14 @@ def format_value(value: common_pb2.Value) -> str:
         return format_timestamp(value.timestamp_value)
     if kind == "list_value":
         return "[" + ", ".join(format_value(item) for item in value.list_value.values) + "]"
+    if kind == "map_value":
+        # No rule compares with a map, but an explanation may observe one (an attribute).
+        fields = value.map_value.fields
+        return (
+            "{"
+            + ", ".join(f"{json.dumps(k)}: {format_value(fields[k])}" for k in sorted(fields))
+            + "}"
+        )
     if kind == "null_value":
         return "null"
     raise ValueError(f"a {kind or 'missing'} value has no text form")

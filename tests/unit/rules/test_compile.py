@@ -272,6 +272,16 @@ def test_conditions_explained_alone_read_as_in_the_whole_explanation(
     assert compiled.explain_conditions(wanted, view, now) == tuple(leaves[i] for i in wanted)
 
 
+def test_an_explanation_shows_an_observed_map_attribute() -> None:
+    rule = _rule('attributes.address = "Paris"')
+    view = View(subject_id="u", attributes={"address": {"zip": 75001.0, "city": "Paris"}})
+    explanation = rule.explain(view, NOW)
+    assert not explanation.result
+    assert explanation.missing == (
+        'Needs attributes.address = "Paris"; observed {"city": "Paris", "zip": 75001}.'
+    )
+
+
 def test_explanations_give_paths_values_and_what_is_missing() -> None:
     rule = _rule('cart.value < 100 and (location.country = "US" or attributes.vip = true)')
     view = View(subject_id="u", cart_value=120.0, country="FR")

@@ -21,7 +21,7 @@ import asyncpg
 from opentelemetry import metrics, trace
 
 from audience.bus.v1 import profile_change_pb2
-from audience.rules import micros_from_timestamp, view_from_proto
+from audience.rules import LazyView, micros_from_timestamp
 from audience.telemetry import inject
 from services.segment_engine.catalogs import Catalogs
 from services.segment_engine.domain.catalog import Catalog, segment_dependency
@@ -258,7 +258,7 @@ class _Unit:
                 subject.account_id,
             )
             view = change.view
-            subject.view = view_from_proto(view, row.subject_id)
+            subject.view = LazyView(view, row.subject_id)
             if row.kind is Kind.USER:
                 subject.account_id = view.account_id or None
             outcome = evaluate_change(

@@ -212,12 +212,11 @@ def rule_facts(compiled: CompiledSegmentRule, closure: Iterable[str]) -> RuleFac
     )
 
 
-def view_from_bytes(data: bytes | None, subject_id: str) -> rules.View:
+def view_from_bytes(data: bytes | None, subject_id: str) -> rules.View | rules.LazyView:
     """The evaluation view of a stored ``EvaluationView``; an empty one when there is none."""
     if not data:
         return rules.View(subject_id=subject_id)
-    message = profile_change_pb2.EvaluationView.FromString(data)
-    return rules.view_from_proto(message, subject_id)
+    return rules.LazyView(profile_change_pb2.EvaluationView.FromString(data), subject_id)
 
 
 def empty_view(subject_id: str) -> rules.View:

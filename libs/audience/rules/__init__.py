@@ -59,6 +59,7 @@ from audience.rules.values import (
 )
 from audience.rules.view import (
     EVALUATION_COLUMNS,
+    LazyView,
     View,
     evaluation_row,
     view_from_parts,
@@ -80,6 +81,7 @@ __all__ = [
     "Fact",
     "ImportedMembers",
     "Instant",
+    "LazyView",
     "Observation",
     "Predicate",
     "Rollup",

@@ -18,7 +18,7 @@ Fields derived from the visit (``None`` when the subject has had no visit):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ from audience.v1 import common_pb2, event_pb2, profile_pb2
 __all__ = [
     "EVALUATION_COLUMNS",
     "EvaluationViewMessage",
+    "LazyView",
     "View",
     "evaluation_row",
     "view_from_parts",
@@ -87,10 +88,9 @@ class View:
     aggregates: Mapping[str, Series] = field(default_factory=dict)
 
 
+_VIEW_FIELDS: tuple[str, ...] = tuple(View.__dataclass_fields__)
 # The columns of `profiles` the rules read, in order: each is a View field of the same name.
-EVALUATION_COLUMNS: tuple[str, ...] = tuple(
-    name for name in View.__dataclass_fields__ if name != "subject_id"
-)
+EVALUATION_COLUMNS: tuple[str, ...] = tuple(name for name in _VIEW_FIELDS if name != "subject_id")
 _TIME_COLUMNS = frozenset({"session_start", "first_seen", "last_seen"})
 
 
@@ -165,19 +165,35 @@ def _finite(value: float) -> float | None:
 
 def view_from_proto(message: EvaluationViewMessage, subject_id: str) -> View:
     """The view of an ``EvaluationView`` message, for the subject ``subject_id``."""
-    return view_from_parts(
-        subject_id,
-        attributes=message.attributes,
-        session=message.session if message.HasField("session") else None,
-        context=message.context if message.HasField("context") else None,
-        first_seen_time=(message.first_seen_time if message.HasField("first_seen_time") else None),
-        last_seen_time=message.last_seen_time if message.HasField("last_seen_time") else None,
-        lifetime_value=message.lifetime_value,
-        order_count=message.order_count,
-        visit_count=message.visit_count,
-        aggregates=message.aggregates,
-        account_id=message.account_id,
-    )
+    fields: dict[str, Any] = {}
+    for decode in _GROUP_DECODERS:
+        fields.update(decode(message))
+    return View(subject_id=subject_id, **fields)
+
+
+class LazyView:
+    """The view of an ``EvaluationView`` message, decoded a group of fields at a time (the
+    attributes, the visit, the place and device, the aggregates, the rest) when a rule
+    first reads one of them: evaluating a change runs the rules its changed keys affect,
+    which read a few groups, and the view before it is read only for the rules whose
+    answer changed. Reads as the :class:`View` of :func:`view_from_proto` does."""
+
+    __slots__ = ("_message", *_VIEW_FIELDS)
+
+    def __init__(self, message: EvaluationViewMessage, subject_id: str) -> None:
+        object.__setattr__(self, "_message", message)
+        object.__setattr__(self, "subject_id", subject_id)
+
+    def __getattr__(self, name: str) -> Any:
+        decode = _DECODER_OF.get(name)
+        if decode is None:
+            raise AttributeError(name)
+        for field_name, value in decode(self._message).items():
+            object.__setattr__(self, field_name, value)
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a view is read-only: cannot set {name!r}")
 
 
 def view_from_parts(
@@ -195,64 +211,136 @@ def view_from_parts(
     account_id: str = "",
 ) -> View:
     """The view built from ``audience.v1`` pieces (what an ``EvaluationView`` holds)."""
-    fields: dict[str, Any] = {}
-    if session is not None:
-        cart = session.cart
-        fields.update(
-            session_start=(
-                micros_from_timestamp(session.start_time)
-                if session.HasField("start_time")
-                else None
-            ),
-            cart_value=_finite(cart_value(cart)),
-            cart_item_count=sum(item.quantity for item in cart.items),
-            page_view_count=session.page_view_count,
-            landing_page=_text(session.landing_page),
-            source=_text(session.source),
-            referrer=_text(session.referrer),
-            utm_source=_text(session.utm.source),
-            utm_medium=_text(session.utm.medium),
-            utm_campaign=_text(session.utm.campaign),
-            utm_term=_text(session.utm.term),
-            utm_content=_text(session.utm.content),
-            channel=CHANNEL_LABELS.get(session.channel),
-            is_new_visitor=(session.visit_number or visit_count) <= 1,
-        )
-    if context is not None:
-        location = context.location
-        fields.update(
-            country=_text(location.country),
-            region=_text(location.region),
-            city=_text(location.city),
-            postal_code=_text(location.postal_code),
-            weather_condition=WEATHER_LABELS.get(context.weather.condition),
-            temperature_celsius=(
-                _finite(context.weather.temperature_celsius)
-                if context.weather.HasField("temperature_celsius")
-                else None
-            ),
-            device_type=DEVICE_LABELS.get(context.device.type),
-            os=_text(context.device.os),
-            browser=_text(context.device.browser),
-        )
-        if location.HasField("point"):
-            latitude, longitude = location.point.latitude, location.point.longitude
-            if math.isfinite(latitude) and math.isfinite(longitude):
-                fields.update(latitude=latitude, longitude=longitude)
     return View(
         subject_id=subject_id,
         attributes=attributes_from_proto(attributes or {}),
-        first_seen=(
+        **_visit_fields(session, visit_count),
+        **_place_fields(context),
+        **_totals(
+            first_seen_time, last_seen_time, lifetime_value, order_count, visit_count, account_id
+        ),
+        aggregates=_AggregatesOnRead(aggregates),
+    )
+
+
+def _visit_fields(session: profile_pb2.Session | None, visit_count: int) -> dict[str, Any]:
+    if session is None:
+        return _NO_VISIT
+    cart = session.cart
+    utm = session.utm
+    return {
+        "session_start": (
+            micros_from_timestamp(session.start_time) if session.HasField("start_time") else None
+        ),
+        "cart_value": _finite(cart_value(cart)),
+        "cart_item_count": sum(item.quantity for item in cart.items),
+        "page_view_count": session.page_view_count,
+        "landing_page": _text(session.landing_page),
+        "source": _text(session.source),
+        "referrer": _text(session.referrer),
+        "utm_source": _text(utm.source),
+        "utm_medium": _text(utm.medium),
+        "utm_campaign": _text(utm.campaign),
+        "utm_term": _text(utm.term),
+        "utm_content": _text(utm.content),
+        "channel": CHANNEL_LABELS.get(session.channel),
+        "is_new_visitor": (session.visit_number or visit_count) <= 1,
+    }
+
+
+def _place_fields(context: event_pb2.Context | None) -> dict[str, Any]:
+    if context is None:
+        return _NO_PLACE
+    location, weather, device = context.location, context.weather, context.device
+    latitude = longitude = None
+    if location.HasField("point"):
+        point = location.point
+        if math.isfinite(point.latitude) and math.isfinite(point.longitude):
+            latitude, longitude = point.latitude, point.longitude
+    return {
+        "country": _text(location.country),
+        "region": _text(location.region),
+        "city": _text(location.city),
+        "postal_code": _text(location.postal_code),
+        "latitude": latitude,
+        "longitude": longitude,
+        "weather_condition": WEATHER_LABELS.get(weather.condition),
+        "temperature_celsius": (
+            _finite(weather.temperature_celsius)
+            if weather.HasField("temperature_celsius")
+            else None
+        ),
+        "device_type": DEVICE_LABELS.get(device.type),
+        "os": _text(device.os),
+        "browser": _text(device.browser),
+    }
+
+
+def _totals(
+    first_seen_time: timestamp_pb2.Timestamp | None,
+    last_seen_time: timestamp_pb2.Timestamp | None,
+    lifetime_value: float,
+    order_count: int,
+    visit_count: int,
+    account_id: str,
+) -> dict[str, Any]:
+    return {
+        "first_seen": (
             micros_from_timestamp(first_seen_time) if first_seen_time is not None else None
         ),
-        last_seen=micros_from_timestamp(last_seen_time) if last_seen_time is not None else None,
-        lifetime_value=lifetime_value if math.isfinite(lifetime_value) else 0.0,
-        order_count=order_count,
-        visit_count=visit_count,
-        account_id=account_id or None,
-        aggregates=_AggregatesOnRead(aggregates),
-        **fields,
+        "last_seen": micros_from_timestamp(last_seen_time) if last_seen_time is not None else None,
+        "lifetime_value": lifetime_value if math.isfinite(lifetime_value) else 0.0,
+        "order_count": order_count,
+        "visit_count": visit_count,
+        "account_id": account_id or None,
+    }
+
+
+def _message_attributes(message: EvaluationViewMessage) -> dict[str, Any]:
+    return {"attributes": attributes_from_proto(message.attributes)}
+
+
+def _message_visit(message: EvaluationViewMessage) -> dict[str, Any]:
+    session = message.session if message.HasField("session") else None
+    return _visit_fields(session, message.visit_count)
+
+
+def _message_place(message: EvaluationViewMessage) -> dict[str, Any]:
+    return _place_fields(message.context if message.HasField("context") else None)
+
+
+def _message_totals(message: EvaluationViewMessage) -> dict[str, Any]:
+    return _totals(
+        message.first_seen_time if message.HasField("first_seen_time") else None,
+        message.last_seen_time if message.HasField("last_seen_time") else None,
+        message.lifetime_value,
+        message.order_count,
+        message.visit_count,
+        message.account_id,
     )
+
+
+def _message_aggregates(message: EvaluationViewMessage) -> dict[str, Any]:
+    return {"aggregates": _AggregatesOnRead(message.aggregates)}
+
+
+_GROUP_DECODERS: tuple[Callable[[EvaluationViewMessage], dict[str, Any]], ...] = (
+    _message_attributes,
+    _message_visit,
+    _message_place,
+    _message_totals,
+    _message_aggregates,
+)
+# What a view with no visit (or no place) holds in those fields.
+_NO_VISIT: dict[str, Any] = dict.fromkeys(_visit_fields(profile_pb2.Session(), 0))
+_NO_PLACE: dict[str, Any] = dict.fromkeys(_place_fields(event_pb2.Context()))
+_DECODER_OF: dict[str, Callable[[EvaluationViewMessage], dict[str, Any]]] = {
+    **dict.fromkeys(("attributes",), _message_attributes),
+    **dict.fromkeys(_NO_VISIT, _message_visit),
+    **dict.fromkeys(_NO_PLACE, _message_place),
+    **dict.fromkeys(_totals(None, None, 0.0, 0, 0, ""), _message_totals),
+    **dict.fromkeys(("aggregates",), _message_aggregates),
+}
 
 
 def evaluation_row(view: View) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from audience.rules import (
     SECOND,
     BucketState,
     Instant,
+    LazyView,
     View,
     aggregates_json,
     attributes_json,
@@ -36,8 +37,8 @@ def _timestamp(micros: int, extra_nanos: int = 0) -> timestamp_pb2.Timestamp:
     )
 
 
-def test_a_view_mirrors_the_evaluation_view_message() -> None:
-    message = profile_change_pb2.EvaluationView(
+def _full_message() -> profile_change_pb2.EvaluationView:
+    return profile_change_pb2.EvaluationView(
         attributes={
             "plan": common_pb2.Value(string_value="pro"),
             "signup": common_pb2.Value(timestamp_value=_timestamp(T, 999)),
@@ -77,7 +78,10 @@ def test_a_view_mirrors_the_evaluation_view_message() -> None:
         ],
         account_id="acme",
     )
-    view = view_from_proto(message, "user-1")
+
+
+def test_a_view_mirrors_the_evaluation_view_message() -> None:
+    view = view_from_proto(_full_message(), "user-1")
     assert view.subject_id == "user-1"
     assert view.attributes == {"plan": "pro", "signup": Instant(T), "score": None}
     assert type(view.attributes["signup"]) is Instant
@@ -94,6 +98,44 @@ def test_a_view_mirrors_the_evaluation_view_message() -> None:
     assert view.account_id == "acme"
     (bucket,) = view.aggregates["agg_1"].buckets()
     assert bucket == BucketState(0, 2, 3.0, 1.0, None, None, T)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _full_message(),
+        profile_change_pb2.EvaluationView(),
+        profile_change_pb2.EvaluationView(
+            session=profile_pb2.Session(), context=event_pb2.Context(), visit_count=2
+        ),
+    ],
+    ids=["full", "empty", "empty-visit-and-place"],
+)
+def test_a_lazy_view_reads_as_the_decoded_view(
+    message: profile_change_pb2.EvaluationView,
+) -> None:
+    decoded = view_from_proto(message, "u")
+
+    def read(view: View | LazyView, name: str) -> object:
+        value = getattr(view, name)
+        # A series has no equality of its own: compared by its text.
+        return aggregates_json(value) if name == "aggregates" else value
+
+    # Each field read first, so that each group is decoded by a read of its own.
+    for first in View.__dataclass_fields__:
+        lazy = LazyView(message, "u")
+        assert read(lazy, first) == read(decoded, first), first
+        for name in View.__dataclass_fields__:
+            assert read(lazy, name) == read(decoded, name), name
+
+
+def test_a_lazy_view_is_read_only_and_has_only_a_views_fields() -> None:
+    lazy = LazyView(_full_message(), "u")
+    with pytest.raises(AttributeError):
+        lazy.cart_value = 1.0
+    with pytest.raises(AttributeError):
+        lazy.not_a_field  # noqa: B018 - the read is the test
+    assert lazy.cart_value == 60.0
 
 
 def test_a_views_aggregates_read_like_a_dict_and_decode_each_once() -> None:

@@ -561,7 +561,6 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
             clock=time.monotonic,
         )
         Response = membership_service_pb2.WatchMembershipChangesResponse  # noqa: N806
-        Batch = membership_service_pb2.MembershipChangeBatch  # noqa: N806
         streaming = trace.get_current_span().get_span_context()
         links = [trace.Link(streaming)] if streaming.is_valid else []
         # Per dataset: which tenant holds streams open is what an operator asks of it.
@@ -581,11 +580,12 @@ class MembershipServicer(membership_service_pb2_grpc.MembershipServiceServicer):
                 ]
                 for group in _batches(delivered, max(per_response, 1)):
                     messages = [message for _, message in group]
-                    response = (
-                        Response(batch=Batch(changes=messages))
-                        if per_response > 1
-                        else Response(change=messages[0])
-                    )
+                    if per_response > 1:
+                        # Added in place: a batch passed in would be copied whole again.
+                        response = Response()
+                        response.batch.changes.extend(messages)
+                    else:
+                        response = Response(change=messages[0])
                     # Not made current: the generator may be closed at the yield, in a
                     # context other than the one the spans would have been attached to.
                     spans = [

@@ -48,8 +48,7 @@ def encode_reason(dataset: str, reason: Reason) -> bytes:
 
 
 def change_message(dataset: str, row: LogRow, token: str) -> membership_pb2.MembershipChange:
-    reason = membership_pb2.ChangeReason.FromString(row.reason)
-    return membership_pb2.MembershipChange(
+    message = membership_pb2.MembershipChange(
         resume_token=token,
         member=member_name(dataset, row.kind, row.subject_id),
         segment=segment_name(dataset, row.segment_id),
@@ -60,9 +59,11 @@ def change_message(dataset: str, row: LogRow, token: str) -> membership_pb2.Memb
             else membership_pb2.MEMBERSHIP_CHANGE_KIND_LEAVE
         ),
         change_time=timestamp(row.time),
-        reason=reason,
         member_sequence=row.seq,
     )
+    # Parsed in place: a parsed reason passed in would be copied.
+    message.reason.MergeFromString(row.reason)
+    return message
 
 
 def membership_message(

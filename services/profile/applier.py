@@ -319,7 +319,11 @@ class Applier:
         # Accounts last: many units share an account, so its row lock is held only for the
         # unit's final statements (still after the users' locks, the one order of all units).
         account_keys = outcome.accounts(states)
-        created = await store.create(conn, ACCOUNT, account_keys)
+        # An account is never deleted: one in the cache has its row, and creating it again
+        # would be a statement (a round trip on every lone event's path) that does nothing.
+        created = await store.create(
+            conn, ACCOUNT, [key for key in account_keys if key not in self.accounts]
+        )
         accounts = await self._accounts(conn, await store.lock(conn, ACCOUNT, account_keys))
         account_touches = apply_accounts(outcome, states, accounts, sorted(created & set(accounts)))
         for account_key, account_touch in account_touches.items():

@@ -37,6 +37,9 @@ class StateCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
     def take(self, key: K, sequence: int) -> V | None:
         """Removes and returns the state of ``key`` if it is at ``sequence``."""
         state = self._entries.pop(key, None)

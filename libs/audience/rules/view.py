@@ -335,11 +335,11 @@ _GROUP_DECODERS: tuple[Callable[[EvaluationViewMessage], dict[str, Any]], ...] =
 _NO_VISIT: dict[str, Any] = dict.fromkeys(_visit_fields(profile_pb2.Session(), 0))
 _NO_PLACE: dict[str, Any] = dict.fromkeys(_place_fields(event_pb2.Context()))
 _DECODER_OF: dict[str, Callable[[EvaluationViewMessage], dict[str, Any]]] = {
-    **dict.fromkeys(("attributes",), _message_attributes),
+    "attributes": _message_attributes,
     **dict.fromkeys(_NO_VISIT, _message_visit),
     **dict.fromkeys(_NO_PLACE, _message_place),
     **dict.fromkeys(_totals(None, None, 0.0, 0, 0, ""), _message_totals),
-    **dict.fromkeys(("aggregates",), _message_aggregates),
+    "aggregates": _message_aggregates,
 }
 
 

@@ -165,16 +165,28 @@ class Applier:
         result = Applied()
 
         # Erased identities: their events are counted, never applied.
+        identities = [_identities(item.event) for item in items]
         hashes = [
-            [identity_hash(item.dataset, kind, value) for kind, value in _identities(item.event)]
-            for item in items
+            [identity_hash(item.dataset, kind, value) for kind, value in found]
+            for item, found in zip(items, identities, strict=True)
         ]
         hashed = {
             (item.dataset, digest)
             for item, found in zip(items, hashes, strict=True)
             for digest in found
         }
-        erased = await store.erased(conn, sorted(hashed))
+        names = [
+            EventIdentities(
+                item.dataset,
+                item.event.user_id,
+                item.event.anonymous_id,
+                tuple(identity for identity in found if identity[0] not in (USER_ID, ANONYMOUS_ID)),
+            )
+            for item, found in zip(items, identities, strict=True)
+        ]
+        owners, erased = await store.identify(
+            conn, [key for name in names for key in name.identity_keys()], sorted(hashed)
+        )
         live: list[int] = []
         suppressed: dict[tuple[str, bytes], int] = {}
         for index, item in enumerate(items):
@@ -199,21 +211,12 @@ class Applier:
                 unique.append(index)
         events = [(items[i].dataset, items[i].event) for i in unique]
 
-        # Resolve, then lock every profile involved and check what resolution read.
-        names = [
-            EventIdentities(
-                dataset,
-                event.user_id,
-                event.anonymous_id,
-                tuple(
-                    identity
-                    for identity in _identities(event)
-                    if identity[0] not in (USER_ID, ANONYMOUS_ID)
-                ),
-            )
-            for dataset, event in events
-        ]
-        owners = await store.owners(conn, [key for name in names for key in name.identity_keys()])
+        # Resolve over the events kept, then lock every profile involved and check what
+        # resolution read.
+        if len(unique) < len(items):
+            names = [names[i] for i in unique]
+            kept = {key for name in names for key in name.identity_keys()}
+            owners = {key: owner for key, owner in owners.items() if key in kept}
         resolution = resolve(names, owners)
         await store.create(conn, USER, resolution.created)
         locked = await store.lock(conn, USER, resolution.locked_profiles())

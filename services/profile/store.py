@@ -200,20 +200,50 @@ class ProfileStore:
 
     # --- The unit of work of a batch (inside the caller's transaction) ---------------------
 
-    async def erased(
-        self, conn: asyncpg.Connection, hashes: Sequence[tuple[str, bytes]]
-    ) -> set[tuple[str, bytes]]:
-        """Which of these ``(dataset, identity hash)`` are erased."""
-        if not hashes:
-            return set()
+    async def identify(
+        self,
+        conn: asyncpg.Connection,
+        keys: Iterable[IdentityKey],
+        hashes: Sequence[tuple[str, bytes]],
+    ) -> tuple[dict[IdentityKey, Owner], set[tuple[str, bytes]]]:
+        """The owners of these identities and which of these ``(dataset, identity hash)``
+        are erased, read in one statement and so at one instant. Read apart, an erasure
+        could commit between the two: the hash not erased yet, the owner already gone, and
+        the erased person's event would start a profile of its own. Read together, an
+        erasure committed before shows as erased, and one committed after leaves an owner
+        that the unit locks and finds gone."""
+        unique = sorted(set(keys))
+        if not unique and not hashes:
+            return {}, set()
         rows = await conn.fetch(
-            f"SELECT e.dataset, e.identity_hash FROM {S}.erased_identities e"
-            " JOIN unnest($1::text[], $2::bytea[]) AS k(dataset, identity_hash)"
-            " ON e.dataset = k.dataset AND e.identity_hash = k.identity_hash",
+            "SELECT i.dataset, i.type, i.value, i.profile_id, p.known,"
+            f" NULL::bytea AS identity_hash FROM {S}.identities i"
+            " JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(dataset, type, value)"
+            " ON i.dataset = k.dataset AND i.type = k.type AND i.value = k.value"
+            f" JOIN {S}.profiles p"
+            " ON p.dataset = i.dataset AND p.kind = 'user' AND p.profile_id = i.profile_id"
+            " UNION ALL"
+            " SELECT e.dataset, NULL, NULL, NULL, NULL, e.identity_hash"
+            f" FROM {S}.erased_identities e"
+            " JOIN unnest($4::text[], $5::bytea[]) AS h(dataset, identity_hash)"
+            " ON e.dataset = h.dataset AND e.identity_hash = h.identity_hash",
+            [key[0] for key in unique],
+            [key[1] for key in unique],
+            [key[2] for key in unique],
             [dataset for dataset, _ in hashes],
             [digest for _, digest in hashes],
         )
-        return {(row["dataset"], bytes(row["identity_hash"])) for row in rows}
+        owners: dict[IdentityKey, Owner] = {}
+        erased: set[tuple[str, bytes]] = set()
+        for row in rows:
+            digest = row["identity_hash"]
+            if digest is None:
+                owners[(row["dataset"], row["type"], row["value"])] = Owner(
+                    row["profile_id"], row["known"]
+                )
+            else:
+                erased.add((row["dataset"], bytes(digest)))
+        return owners, erased
 
     async def count_suppressed(
         self, conn: asyncpg.Connection, counts: Mapping[tuple[str, bytes], int]

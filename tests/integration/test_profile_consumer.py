@@ -640,6 +640,37 @@ async def test_erasure_removes_every_trace_and_suppresses_later_events(rig: Rig)
     assert row["event_count"] == 1
 
 
+
+async def test_an_erasure_committed_after_a_unit_read_the_identities_suppresses_its_events(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = new_dataset()
+    await rig.send(dataset, event(user="u9", kind=E.EVENT_TYPE_PAGE, at=T0))
+    await rig.run()
+    store = rig.worker.applier.store
+    operations = rig.operations()
+    read = store.identify
+    erased: list[str] = []
+
+    async def erase_once_read(*args: Any) -> Any:
+        found = await read(*args)
+        if not erased:
+            record = await operations.erase(dataset, "u9")
+            erased.append(record.profile_id)
+        return found
+
+    monkeypatch.setattr(store, "identify", erase_once_read)
+    await rig.send(dataset, event(user="u9", kind=E.EVENT_TYPE_PAGE, at=T0 + timedelta(hours=1)))
+    await rig.run()
+    assert erased == ["u9"]
+    # The unit found the owner it read gone, started over and saw the erasure.
+    assert await rig.profile(dataset, "u9") is None
+    assert await rig.count("events", dataset) == 0
+    suppressed = await rig.pool.fetchval(
+        "SELECT sum(suppressed_count) FROM profile.erased_identities WHERE dataset = $1", dataset
+    )
+    assert suppressed == 1
+
 async def test_concurrent_workers_on_the_same_profiles_lose_nothing(rig: Rig) -> None:
     dataset = new_dataset()
     [pages] = await register(rig, dataset, count_spec("page_view"))

@@ -265,23 +265,8 @@ class ProfileStore:
         self, conn: asyncpg.Connection, keys: Iterable[IdentityKey]
     ) -> dict[IdentityKey, Owner]:
         """The owners of these identities, with whether each owner is known."""
-        unique = sorted(set(keys))
-        if not unique:
-            return {}
-        rows = await conn.fetch(
-            f"SELECT i.dataset, i.type, i.value, i.profile_id, p.known FROM {S}.identities i"
-            " JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(dataset, type, value)"
-            " ON i.dataset = k.dataset AND i.type = k.type AND i.value = k.value"
-            f" JOIN {S}.profiles p"
-            " ON p.dataset = i.dataset AND p.kind = 'user' AND p.profile_id = i.profile_id",
-            [key[0] for key in unique],
-            [key[1] for key in unique],
-            [key[2] for key in unique],
-        )
-        return {
-            (row["dataset"], row["type"], row["value"]): Owner(row["profile_id"], row["known"])
-            for row in rows
-        }
+        found, _ = await self.identify(conn, keys, [])
+        return found
 
     async def create(
         self, conn: asyncpg.Connection, kind: str, keys: Iterable[tuple[str, str]]

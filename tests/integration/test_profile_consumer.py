@@ -640,7 +640,6 @@ async def test_erasure_removes_every_trace_and_suppresses_later_events(rig: Rig)
     assert row["event_count"] == 1
 
 
-
 async def test_an_erasure_committed_after_a_unit_read_the_identities_suppresses_its_events(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -670,6 +669,7 @@ async def test_an_erasure_committed_after_a_unit_read_the_identities_suppresses_
         "SELECT sum(suppressed_count) FROM profile.erased_identities WHERE dataset = $1", dataset
     )
     assert suppressed == 1
+
 
 async def test_concurrent_workers_on_the_same_profiles_lose_nothing(rig: Rig) -> None:
     dataset = new_dataset()

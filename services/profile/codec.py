@@ -34,7 +34,7 @@ from audience.rules.values import (
     timestamp_from_micros,
     value_to_proto,
 )
-from audience.rules.view import evaluation_row, view_from_parts
+from audience.rules.view import evaluation_row_from_parts
 from audience.v1 import common_pb2, profile_pb2, segment_pb2
 from services.profile.domain.model import (
     AccountState,
@@ -396,34 +396,26 @@ def change_batch(changes: Iterable[bytes]) -> bytes:
 def evaluation_columns(state: ProfileState | AccountState) -> dict[str, Any]:
     """The columns of ``profiles`` the rules read (``audience.rules.evaluation_row``)."""
     if isinstance(state, ProfileState):
-        view = view_from_parts(
-            state.profile_id,
+        return evaluation_row_from_parts(
+            attributes=attributes_json(state.attributes),
+            aggregates=aggregates_document(state.aggregates),
             session=state.session,
             context=state.context,
+            first_seen=state.first_seen,
+            last_seen=state.last_seen,
             lifetime_value=state.lifetime_value,
             order_count=state.order_count,
             visit_count=state.visit_count,
             account_id=state.account_id,
-            first_seen_time=_timestamp(state.first_seen),
-            last_seen_time=_timestamp(state.last_seen),
         )
-    else:
-        view = view_from_parts(
-            state.account_id,
-            lifetime_value=state.lifetime_value,
-            order_count=state.order_count,
-            first_seen_time=_timestamp(state.first_seen),
-            last_seen_time=_timestamp(state.last_seen),
-        )
-    row = evaluation_row(view)
-    row["attributes"] = attributes_json(state.attributes)
-    if isinstance(state, ProfileState):
-        row["aggregates"] = aggregates_document(state.aggregates)
-    return row
-
-
-def _timestamp(micros: int | None) -> Any:
-    return None if micros is None else timestamp_from_micros(micros)
+    return evaluation_row_from_parts(
+        attributes=attributes_json(state.attributes),
+        aggregates="{}",
+        first_seen=state.first_seen,
+        last_seen=state.last_seen,
+        lifetime_value=state.lifetime_value,
+        order_count=state.order_count,
+    )
 
 
 def _identities(identities: Iterable[tuple[str, str]]) -> list[common_pb2.Identity]:

@@ -62,6 +62,7 @@ from audience.rules.view import (
     LazyView,
     View,
     evaluation_row,
+    evaluation_row_from_parts,
     view_from_parts,
     view_from_proto,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "datetime_from_micros",
     "document_json",
     "evaluation_row",
+    "evaluation_row_from_parts",
     "evaluation_schema_ddl",
     "facts_from_event",
     "format_rule",

@@ -41,6 +41,7 @@ __all__ = [
     "LazyView",
     "View",
     "evaluation_row",
+    "evaluation_row_from_parts",
     "view_from_parts",
     "view_from_proto",
 ]
@@ -217,10 +218,50 @@ def view_from_parts(
         **_visit_fields(session, visit_count),
         **_place_fields(context),
         **_totals(
-            first_seen_time, last_seen_time, lifetime_value, order_count, visit_count, account_id
+            _micros(first_seen_time),
+            _micros(last_seen_time),
+            lifetime_value,
+            order_count,
+            visit_count,
+            account_id,
         ),
         aggregates=_AggregatesOnRead(aggregates),
     )
+
+
+def evaluation_row_from_parts(
+    *,
+    attributes: str,
+    aggregates: str,
+    session: profile_pb2.Session | None = None,
+    context: event_pb2.Context | None = None,
+    first_seen: int | None = None,
+    last_seen: int | None = None,
+    lifetime_value: float = 0.0,
+    order_count: int = 0,
+    visit_count: int = 0,
+    account_id: str = "",
+) -> dict[str, Any]:
+    """What :func:`evaluation_row` gives for the view of these parts, straight from them
+    (times in microseconds; ``attributes`` and ``aggregates`` already JSON text): the
+    profile service writes a row for every profile a unit changes, and building the
+    read-only view first cost it more than the rest of the row."""
+    row = {
+        **_visit_fields(session, visit_count),
+        **_place_fields(context),
+        **_totals(first_seen, last_seen, lifetime_value, order_count, visit_count, account_id),
+        "attributes": attributes,
+        "aggregates": aggregates,
+    }
+    for name in _TIME_COLUMNS:
+        moment = row[name]
+        if moment is not None:
+            row[name] = datetime_from_micros(moment)
+    return row
+
+
+def _micros(timestamp: timestamp_pb2.Timestamp | None) -> int | None:
+    return None if timestamp is None else micros_from_timestamp(timestamp)
 
 
 def _visit_fields(session: profile_pb2.Session | None, visit_count: int) -> dict[str, Any]:
@@ -277,18 +318,16 @@ def _place_fields(context: event_pb2.Context | None) -> dict[str, Any]:
 
 
 def _totals(
-    first_seen_time: timestamp_pb2.Timestamp | None,
-    last_seen_time: timestamp_pb2.Timestamp | None,
+    first_seen: int | None,
+    last_seen: int | None,
     lifetime_value: float,
     order_count: int,
     visit_count: int,
     account_id: str,
 ) -> dict[str, Any]:
     return {
-        "first_seen": (
-            micros_from_timestamp(first_seen_time) if first_seen_time is not None else None
-        ),
-        "last_seen": micros_from_timestamp(last_seen_time) if last_seen_time is not None else None,
+        "first_seen": first_seen,
+        "last_seen": last_seen,
         "lifetime_value": lifetime_value if math.isfinite(lifetime_value) else 0.0,
         "order_count": order_count,
         "visit_count": visit_count,
@@ -311,8 +350,8 @@ def _message_place(message: EvaluationViewMessage) -> dict[str, Any]:
 
 def _message_totals(message: EvaluationViewMessage) -> dict[str, Any]:
     return _totals(
-        message.first_seen_time if message.HasField("first_seen_time") else None,
-        message.last_seen_time if message.HasField("last_seen_time") else None,
+        _micros(message.first_seen_time if message.HasField("first_seen_time") else None),
+        _micros(message.last_seen_time if message.HasField("last_seen_time") else None),
         message.lifetime_value,
         message.order_count,
         message.visit_count,

@@ -21,6 +21,7 @@ from audience.rules import (
     bucket_from_json,
     datetime_from_micros,
     evaluation_row,
+    evaluation_row_from_parts,
     micros_from_datetime,
     view_from_parts,
     view_from_proto,
@@ -188,6 +189,30 @@ def test_the_row_has_every_typed_column_and_attributes_as_json() -> None:
     assert row["cart_value"] == 9.5
     assert row["first_seen"] is None
     assert row["aggregates"] == "{}"
+
+
+def test_the_row_from_parts_is_the_row_of_the_view_of_those_parts() -> None:
+    message = _full_message()
+    message.last_seen_time.CopyFrom(_timestamp(T + SECOND))
+    message.lifetime_value = math.nan
+    view = view_from_proto(message, "u")
+    row = evaluation_row_from_parts(
+        attributes=attributes_json(view.attributes),
+        aggregates=aggregates_json(view.aggregates),
+        session=message.session,
+        context=message.context,
+        first_seen=T - 10 * SECOND,
+        last_seen=T + SECOND,
+        lifetime_value=math.nan,
+        order_count=3,
+        visit_count=7,
+        account_id="acme",
+    )
+    assert row == evaluation_row(view)
+    assert row["lifetime_value"] == 0.0
+
+    bare = evaluation_row_from_parts(attributes="{}", aggregates="{}")
+    assert bare == evaluation_row(View(subject_id="a"))
 
 
 def test_the_aggregates_column_holds_each_buckets_numbers_in_start_order() -> None:

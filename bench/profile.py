@@ -16,9 +16,9 @@ views pages and products, fills a cart, and sometimes orders, logs in (an anonym
 visitor merged into a known user) or interacts with a campaign; some users belong to an
 account.
 
-The service runs with its defaults but a cache for 50,000 profiles (``--env NAME=VALUE``
-overrides any setting), as ``--replicas`` processes (1 unless given) sharing the consumer
-group, as replicas of a deployment do. The figure is events over the time from the
+The service runs with its defaults but a 2 GiB cache, room for every profile (``--env
+NAME=VALUE`` overrides any setting), as ``--replicas`` processes (1 unless given) sharing
+the consumer group, as replicas of a deployment do. The figure is events over the time from the
 service's first acknowledgement to an empty backlog; the run checks that the history holds
 every event. Over the same span it reports the CPU time per event of the service's
 processes, of the PostgreSQL backends serving the scratch database and of Redis (steadier
@@ -451,8 +451,8 @@ async def _run(options: argparse.Namespace) -> dict[str, Any]:
                     "AUDIENCE_REDIS_NAMESPACE": namespace,
                     "AUDIENCE_BUS_PARTITIONS": str(PARTITIONS),
                     "AUDIENCE_LOG_LEVEL": "warning",
-                    # Room for every visitor of the run (about 15 KB each).
-                    "AUDIENCE_PROFILE_CACHE_SIZE": "50000",
+                    # Room for every visitor of the run (about 70 KB each).
+                    "AUDIENCE_PROFILE_CACHE_MB": "2048",
                     # Authentication on, as deployed (nothing here calls the service but its
                     # health, which needs no key).
                     **bench_keys().environ,

@@ -36,7 +36,7 @@ async def build(resources: Resources) -> ServiceUnit:
     await declare_topics(bus)
     store = ProfileStore(resources.postgres)
     settings = Settings(session_timeout=int(config.session_timeout.total_seconds() * 1_000_000))
-    applier = Applier(store, settings, cache_size=config.cache_size)
+    applier = Applier(store, settings, cache_bytes=config.cache_bytes)
     publisher = Publisher(bus)
     workers = min(config.workers, bus.partitions)
     consumers = [

@@ -41,7 +41,9 @@ from services.profile.domain.model import (
     ChangeType,
     ProfileKey,
     ProfileState,
+    account_size,
     normalize_identity,
+    profile_size,
 )
 from services.profile.store import EventRow, ProfileStore, identity_hash
 
@@ -123,14 +125,19 @@ class Applier:
         store: ProfileStore,
         settings: Settings,
         *,
-        cache_size: int,
+        cache_bytes: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.settings = settings
         self.catalog = Catalog(store)
-        self.profiles: StateCache[ProfileKey, ProfileState] = StateCache(cache_size)
-        self.accounts: StateCache[AccountKey, AccountState] = StateCache(cache_size // 4)
+        # Accounts are few and small beside their users: a sixteenth of the memory.
+        self.profiles: StateCache[ProfileKey, ProfileState] = StateCache(
+            cache_bytes - cache_bytes // 16, profile_size
+        )
+        self.accounts: StateCache[AccountKey, AccountState] = StateCache(
+            cache_bytes // 16, account_size
+        )
         self._clock = clock
 
     def now(self) -> int:

@@ -10,7 +10,7 @@ half-changed behind.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, Protocol, TypeVar
 
 __all__ = ["StateCache"]
@@ -26,11 +26,18 @@ V = TypeVar("V", bound=_Sequenced)
 
 
 class StateCache(Generic[K, V]):
-    """A bounded, least-recently-used map of states by key."""
+    """A least-recently-used map of states by key, bounded by the states' total weight.
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[K, V] = OrderedDict()
+    Args:
+        budget: the most weight held (0 keeps nothing).
+        weigh: a state's weight (its approximate size in bytes), taken when it is put.
+    """
+
+    def __init__(self, budget: int, weigh: Callable[[V], int]) -> None:
+        self.budget = budget
+        self._weigh = weigh
+        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self.weight = 0
         self.hits = 0
         self.misses = 0
 
@@ -42,24 +49,34 @@ class StateCache(Generic[K, V]):
 
     def take(self, key: K, sequence: int) -> V | None:
         """Removes and returns the state of ``key`` if it is at ``sequence``."""
-        state = self._entries.pop(key, None)
-        if state is not None and state.sequence == sequence:
-            self.hits += 1
-            return state
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.weight -= entry[1]
+            if entry[0].sequence == sequence:
+                self.hits += 1
+                return entry[0]
         self.misses += 1
         return None
 
     def put(self, key: K, state: V) -> None:
-        if self.capacity <= 0:
+        if self.budget <= 0:
             return
-        self._entries[key] = state
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        weight = self._weigh(state)
+        previous = self._entries.pop(key, None)
+        if previous is not None:
+            self.weight -= previous[1]
+        self._entries[key] = (state, weight)
+        self.weight += weight
+        while self.weight > self.budget:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.weight -= dropped
 
     def discard(self, keys: Iterable[K]) -> None:
         for key in keys:
-            self._entries.pop(key, None)
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self.weight -= entry[1]
 
     def clear(self) -> None:
         self._entries.clear()
+        self.weight = 0

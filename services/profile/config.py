@@ -28,10 +28,12 @@ class ProfileConfig:
             once, whole, so larger units write fewer rows per event (16 entries and 8,000
             events: 15-35% less CPU per event than 8 and 4,000 in ``bench.profile``, for
             row locks held twice as long).
-        cache_size: profiles kept in memory between batches (and a quarter as many
-            accounts); each is checked against its row's sequence under the row lock before
-            use. A profile with its buckets takes about 15 KB with a thousand aggregates, so
-            size it to the pod's memory: the default suits the base manifests' 256 MiB.
+        cache_bytes: memory for states kept between batches (a sixteenth of it for
+            accounts), as the states' approximate sizes add up; each is checked against
+            its row's sequence under the row lock before use. A profile takes about 1.5 KB,
+            plus about 1 KB per aggregate it holds and 0.5 KB per bucket (70 KB with the
+            fifty series of ``bench.profile``), so size it to the pod's memory: the default
+            (128 MiB) suits the manifests' 384–512 MiB limits.
         claim_idle: how long an entry stays unacknowledged before another consumer takes
             it over; more than the longest time a batch takes to apply.
         segment_engine: where ``MembershipService`` answers, for the segments of a profile.
@@ -53,7 +55,7 @@ class ProfileConfig:
     workers: int
     read_count: int
     unit_events: int
-    cache_size: int
+    cache_bytes: int
     claim_idle: timedelta
     segment_engine: Address
     segment_timeout: timedelta
@@ -82,7 +84,7 @@ class ProfileConfig:
             unit_events=env.integer(
                 "AUDIENCE_PROFILE_UNIT_EVENTS", 8000, minimum=1, maximum=100_000
             ),
-            cache_size=env.integer("AUDIENCE_PROFILE_CACHE_SIZE", 5_000, minimum=0),
+            cache_bytes=env.integer("AUDIENCE_PROFILE_CACHE_MB", 128, minimum=0) << 20,
             claim_idle=env.duration(
                 "AUDIENCE_PROFILE_CLAIM_IDLE", timedelta(seconds=60), minimum=timedelta(seconds=1)
             ),

@@ -74,7 +74,7 @@ class Rig:
 
     def new_worker(self, name: str, *, claim_idle: float = 60.0) -> EventWorker:
         return EventWorker.for_partitions(
-            Applier(ProfileStore(self.pool), SESSION, cache_size=1000),
+            Applier(ProfileStore(self.pool), SESSION, cache_bytes=64 << 20),
             Publisher(self.bus),
             name=name,
             partitions=range(PARTITIONS),
@@ -279,7 +279,7 @@ async def test_a_change_is_dated_after_its_commit_not_when_its_unit_began(
     began = T0 + timedelta(minutes=1)
     now = [began]
     store = ProfileStore(rig.pool)
-    applier = Applier(store, SESSION, cache_size=1000, clock=lambda: now[0].timestamp())
+    applier = Applier(store, SESSION, cache_bytes=64 << 20, clock=lambda: now[0].timestamp())
     worker = EventWorker.for_partitions(
         applier,
         Publisher(rig.bus),
@@ -674,7 +674,7 @@ async def test_an_erasure_committed_after_a_unit_read_the_identities_suppresses_
 async def test_concurrent_workers_on_the_same_profiles_lose_nothing(rig: Rig) -> None:
     dataset = new_dataset()
     [pages] = await register(rig, dataset, count_spec("page_view"))
-    appliers = [Applier(rig.store, SESSION, cache_size=100) for _ in range(4)]
+    appliers = [Applier(rig.store, SESSION, cache_bytes=8 << 20) for _ in range(4)]
     batches = [
         [
             Incoming(

@@ -35,6 +35,7 @@ from services.profile.domain.model import (
     ChangeType,
     ProfileState,
     Touch,
+    profile_size,
 )
 from tests.profile_support import T0, E, count_spec, event, micros
 
@@ -568,16 +569,41 @@ def test_the_published_view_is_what_the_rules_read_from_the_row() -> None:
 
 
 def test_the_cache_hands_out_a_state_only_at_the_sequence_of_its_row() -> None:
-    cache: StateCache[tuple[str, str], ProfileState] = StateCache(2)
+    cache: StateCache[tuple[str, str], ProfileState] = StateCache(1 << 20, profile_size)
     state = ProfileState("d", "u1", sequence=3)
     cache.put(("d", "u1"), state)
     assert cache.take(("d", "u1"), 4) is None
     assert cache.take(("d", "u1"), 3) is None  # a stale entry is dropped, not kept
     cache.put(("d", "u1"), state)
     assert cache.take(("d", "u1"), 3) is state
+    assert (len(cache), cache.weight) == (0, 0)
+
+
+def test_the_cache_keeps_the_most_recent_states_that_fit_its_budget() -> None:
+    index, _ = _indexed(*(count_spec(f"e{n}", width=HOUR) for n in range(10)))
+    heavy = ProfileState("d", "heavy")
+    _apply(heavy, *(event(user="heavy", name=f"e{n}") for n in range(10)), index=index)
+    light = ProfileState("d", "light")
+    assert profile_size(heavy) >= profile_size(light) + 10 * 1000
+
+    cache: StateCache[tuple[str, str], ProfileState] = StateCache(
+        profile_size(heavy) + 2 * profile_size(light), profile_size
+    )
+    cache.put(("d", "heavy"), heavy)
     for n in range(3):
-        cache.put(("d", f"p{n}"), ProfileState("d", f"p{n}"))
-    assert len(cache) == 2
+        cache.put(("d", f"light{n}"), ProfileState("d", f"light{n}"))
+    # The heavy one, least recently put, made room for the third light one.
+    assert ("d", "heavy") not in cache
+    assert len(cache) == 3
+    assert cache.weight == 3 * profile_size(light)
+    cache.put(("d", "light0"), light)  # put again: weighed again, counted once
+    assert cache.weight == 3 * profile_size(light)
+    cache.discard([("d", "light0"), ("d", "light1")])
+    assert (len(cache), cache.weight) == (1, profile_size(light))
+
+    nothing: StateCache[tuple[str, str], ProfileState] = StateCache(0, profile_size)
+    nothing.put(("d", "light"), light)
+    assert len(nothing) == 0
 
 
 @pytest.mark.parametrize("kind", [E.EVENT_TYPE_PAGE, E.EVENT_TYPE_TRACK])

@@ -29,8 +29,10 @@ __all__ = [
     "ProfileKey",
     "ProfileState",
     "Touch",
+    "account_size",
     "encoded_context",
     "normalize_identity",
+    "profile_size",
 ]
 
 USER_ID = "user_id"
@@ -218,3 +220,29 @@ def encoded_context(state: ProfileState) -> bytes | None:
     if memo is None or memo[0] is not context:
         memo = state.context_memo = (context, context.SerializeToString(deterministic=True))
     return memo[1]
+
+
+# What a state holds in memory once a unit has encoded it (its memos filled), in bytes,
+# measured with tracemalloc: the profile's own objects with its visit and context, each
+# attribute, each aggregate series with its memo dicts, and each bucket with its encodings.
+_PROFILE_BYTES = 1_500
+_ACCOUNT_BYTES = 300
+_ATTRIBUTE_BYTES = 180
+_SERIES_BYTES = 950
+_BUCKET_BYTES = 460
+
+
+def profile_size(state: ProfileState) -> int:
+    """About how many bytes the profile takes in memory (what the cache budgets)."""
+    aggregates = state.aggregates
+    return (
+        _PROFILE_BYTES
+        + _ATTRIBUTE_BYTES * len(state.attributes)
+        + _SERIES_BYTES * len(aggregates)
+        + _BUCKET_BYTES * sum(len(series.buckets) for series in aggregates.values())
+    )
+
+
+def account_size(account: AccountState) -> int:
+    """About how many bytes the account takes in memory."""
+    return _ACCOUNT_BYTES + _ATTRIBUTE_BYTES * len(account.attributes)

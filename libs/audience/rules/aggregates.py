@@ -413,21 +413,30 @@ def window_distinct(series: Series | None, low: int, high: int) -> int:
     return len(seen)
 
 
-def window_next_change(series: Series | None, low: int, now: int, plan: WindowPlan) -> int | None:
+def window_next_change(
+    series: Series | None,
+    low: int,
+    now: int,
+    plan: WindowPlan,
+    entering: bool = True,
+    leaving: bool = True,
+) -> int | None:
     """The next instant after ``now`` at which the buckets a window reads change by time alone.
 
     For ``last D``: when the oldest counted bucket leaves (``start + width + D``), or when a
     bucket that starts after ``now`` comes in. For this session: only the latter. All-time and
-    between windows do not move.
+    between windows do not move. A caller that knows only one of the two can change its
+    answer passes False for the other (``entering``: a bucket comes in; ``leaving``: the
+    oldest goes).
     """
     if series is None or plan.kind in ("all_time", "between"):
         return None
     starts = series.starts
     candidates: list[int] = []
     after = bisect_right(starts, now)
-    if after < len(starts):
+    if entering and after < len(starts):
         candidates.append(starts[after])
-    if plan.kind == "last":
+    if leaving and plan.kind == "last":
         oldest = bisect_left(starts, low)
         if oldest < after:
             candidates.append(starts[oldest] + plan.width + plan.duration)

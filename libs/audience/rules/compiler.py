@@ -87,6 +87,9 @@ _LOWEST = -(2**62)
 _HIGHEST = 2**62
 
 _ARGS = "v, now, segs, rollups"
+# The window functions whose value only grows as buckets come into the window.
+_GROWING = frozenset({_F.AGGREGATE_FUNCTION_COUNT, _F.AGGREGATE_FUNCTION_DISTINCT_COUNT})
+_RISING = frozenset({_O.OPERATOR_GREATER_THAN, _O.OPERATOR_GREATER_THAN_OR_EQUAL})
 _ORDERED = frozenset(
     {
         _O.OPERATOR_GREATER_THAN,
@@ -199,7 +202,9 @@ class _Leaf:
     def py_test(self, ns: Namespace, x: Var) -> str:
         return test_source(self.operator, self.operand, x, self.field_type, ns)
 
-    def py_timer(self, ns: Namespace) -> str | None:
+    def py_timer(self, ns: Namespace, answer: str) -> str | None:
+        """When time alone could next change the condition, given its current ``answer``
+        (an expression); None when it never can."""
         return None
 
     def observation(self) -> tuple[str, ...] | None:
@@ -346,7 +351,7 @@ class _DaysSince(_Leaf):
     def py_observe(self, ns: Namespace) -> str:
         return f"_days(v.{self.column}, now)"
 
-    def py_timer(self, ns: Namespace) -> str | None:
+    def py_timer(self, ns: Namespace, answer: str) -> str | None:
         return f"_days_timer(v.{self.column}, now)"
 
     def sql_observe(self, ctx: SqlContext, alias: str) -> str:
@@ -446,12 +451,21 @@ class _Window(_Leaf):
         reader = _WINDOW_READERS[self.function]
         return f"{reader}(v.aggregates.get({ns.const(self.spec.aggregate_id)}), {low}, {high})"
 
-    def py_timer(self, ns: Namespace) -> str | None:
+    def py_timer(self, ns: Namespace, answer: str) -> str | None:
         if self.plan.kind not in ("last", "this_session"):
             return None
         low, _ = self._bounds()
         series = f"v.aggregates.get({ns.const(self.spec.aggregate_id)})"
-        return f"_window_timer({series}, {low}, now, {ns.const(self.plan)})"
+        entering = leaving = "True"
+        if self.function in _GROWING and self.operator in _ORDERED:
+            # The value only grows as a bucket comes in and only shrinks as one leaves: a
+            # `>=` that holds can turn only by a bucket leaving, one that fails only by one
+            # coming in (a `<` the other way round). A count of 2 when 3 are needed is no
+            # timer, where it used to be one for when its oldest bucket left.
+            rising = self.operator in _RISING
+            entering = f"not {answer}" if rising else answer
+            leaving = answer if rising else f"not {answer}"
+        return f"_window_timer({series}, {low}, now, {ns.const(self.plan)}, {entering}, {leaving})"
 
     def sql_observe(self, ctx: SqlContext, alias: str) -> str:
         # The aggregate's buckets, one JSON array each (see `audience.rules.aggregates_json`),
@@ -827,7 +841,7 @@ class _NextSource:
             return self._local("_r", _python_source(node, self._tests)), "None"
         if isinstance(node, _Leaf):
             answer = self._local("_r", self._tests[id(node)])
-            return answer, self._local("_m", f"{self._timers[id(node)]}({_ARGS})")
+            return answer, self._local("_m", f"{self._timers[id(node)]}({_ARGS}, {answer})")
         outcomes = [self.node(child) for child in node.children]
         if node.kind == "not":
             answer, moment = outcomes[0]
@@ -970,9 +984,9 @@ class CompiledRule:
             tests[id(leaf)] = test
             lines.append(f"def _obs{index}({_ARGS}):\n    return {observe}\n")
             lines.append(f"def _leaf{index}({_ARGS}):\n    return {test}\n")
-            timer = leaf.py_timer(ns)
+            timer = leaf.py_timer(ns, "answer")
             if timer is not None:
-                lines.append(f"def _timer{index}({_ARGS}):\n    return {timer}\n")
+                lines.append(f"def _timer{index}({_ARGS}, answer):\n    return {timer}\n")
                 timers[id(leaf)] = f"_timer{index}"
         lines.append(f"def _predicate({_ARGS}):\n    return {_python_source(self._root, tests)}\n")
         results = "".join(f"({tests[id(leaf)]}), " for leaf in self._leaves)
@@ -984,8 +998,7 @@ class CompiledRule:
         if not timers:
             moment = "None"
         elif isinstance(root, _Leaf):
-            # A lone condition: its answer does not matter, only its timer.
-            moment = f"{timers[id(root)]}({_ARGS})"
+            moment = f"{timers[id(root)]}({_ARGS}, {tests[id(root)]})"
         else:
             _, moment = source.node(root)
         body = "".join(f"{line}\n" for line in source.lines)

@@ -167,6 +167,25 @@ def test_an_event_in_the_future_counts_when_its_bucket_starts() -> None:
     assert rule.matches(view, moment)
 
 
+def test_a_count_moves_its_answer_only_one_way_as_time_passes() -> None:
+    at_least_two = _rule('count(event "e", last 30 minutes) >= 2')
+    one = _counts(at_least_two, NOW - MINUTE)
+    # Short of its bound: buckets leaving only lower the count, so no instant can turn it.
+    assert not at_least_two.matches(one, NOW)
+    assert at_least_two.next_change(one, NOW) is None
+    # A bucket yet to start can: it is the only instant that counts.
+    coming = _counts(at_least_two, NOW - MINUTE, NOW + 5 * SECOND)
+    assert at_least_two.next_change(coming, NOW) == bucket_start(NOW + 5 * SECOND, SECOND)
+    # Below its bound and staying there as buckets leave.
+    under_two = _rule('count(event "e", last 30 minutes) < 2')
+    assert under_two.matches(one, NOW)
+    assert under_two.next_change(one, NOW) is None
+    two = _counts(under_two, NOW - 10 * MINUTE, NOW - MINUTE)
+    leaves = bucket_start(NOW - 10 * MINUTE, SECOND) + SECOND + 30 * MINUTE
+    assert under_two.next_change(two, NOW) == leaves
+    assert under_two.matches(two, leaves)
+
+
 def test_this_session_counts_from_the_visit_start() -> None:
     rule = _rule('count(event "e", this session) >= 1')
     series = _counts(rule, NOW - HOUR).aggregates

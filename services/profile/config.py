@@ -27,7 +27,8 @@ class ProfileConfig:
             backlog (a read returns what is there): a unit writes each profile it touches
             once, whole, so larger units write fewer rows per event (16 entries and 8,000
             events: 15-35% less CPU per event than 8 and 4,000 in ``bench.profile``, for
-            row locks held twice as long).
+            row locks held twice as long). After a read that found nothing, units start at
+            256 events and double up to this, so a burst's first changes go out early.
         cache_bytes: memory for states kept between batches (a sixteenth of it for
             accounts), as the states' approximate sizes add up; each is checked against
             its row's sequence under the row lock before use. A profile takes about 1.5 KB,

@@ -58,6 +58,8 @@ FAILED_EVENTS_GROUPS = ("ingest",)
 STAGE = "profile"
 # Changes per bus entry: entries stay well under a megabyte with full views.
 _CHANGES_PER_ENTRY = 500
+# The first unit after an idle spell; each next one is twice as large, up to unit_events.
+_FIRST_UNIT_EVENTS = 256
 _MAX_BACKOFF = 30.0
 
 # SQLSTATE classes that say the server or the connection is in trouble, not the data.
@@ -166,6 +168,7 @@ class EventWorker:
         self.publisher = publisher
         self.consumer = consumer
         self.unit_events = unit_events
+        self._unit_size = min(_FIRST_UNIT_EVENTS, unit_events)
         self.tracer = tracer or trace.NoOpTracer()
         self.applied = 0
         self.failed = 0
@@ -205,6 +208,8 @@ class EventWorker:
                 deliveries = await self.consumer.read()
                 if deliveries:
                     await run_to_end(self.handle(deliveries))
+                else:
+                    self._unit_size = min(_FIRST_UNIT_EVENTS, self.unit_events)
                 backoff = 0.0
             except Exception as error:
                 if not is_infrastructure(error):
@@ -251,12 +256,20 @@ class EventWorker:
                 "messaging.batch.message_count": len(deliveries),
             },
         ):
-            for start in range(0, len(items), self.unit_events):
-                unit = items[start : start + self.unit_events]
+            # Units grow from small after an idle spell (see `_FIRST_UNIT_EVENTS`): the
+            # first events of a burst are published, and reach the segment engine, after a
+            # small unit rather than after the largest; a backlog still gets large units,
+            # which cost less per event.
+            start = 0
+            while start < len(items):
+                size = self._unit_size
+                unit = items[start : start + size]
+                start += size
                 changes, failures = await self._apply(unit, split=True)
                 await self.publisher.changes(changes)
                 await self.publisher.failures(failures)
                 self.failed += len(failures)
+                self._unit_size = min(self.unit_events, size * 2)
         await self.consumer.ack(deliveries)
 
     async def _apply(

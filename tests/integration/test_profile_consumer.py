@@ -709,6 +709,43 @@ async def test_concurrent_workers_on_the_same_profiles_lose_nothing(rig: Rig) ->
     assert await rig.count("events", dataset) == 160
 
 
+async def test_units_grow_from_small_after_an_idle_read(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = new_dataset()
+    worker = rig.new_worker("growing")
+    sizes: list[int] = []
+    apply = worker.applier.apply
+
+    async def recording(items: list[Incoming]) -> Any:
+        sizes.append(len(items))
+        return await apply(items)
+
+    monkeypatch.setattr(worker.applier, "apply", recording)
+
+    def visits(count: int, first: int) -> list[event_pb2.Event]:
+        return [
+            event(user=f"u{n}", kind=E.EVENT_TYPE_PAGE, at=T0 + timedelta(seconds=n))
+            for n in range(first, first + count)
+        ]
+
+    running = asyncio.create_task(worker.run())
+    try:
+        await rig.send(dataset, *visits(1300, 0))
+        await eventually(lambda: sum(sizes) == 1300)
+        # The first events of the burst went out in a small unit, the rest in larger ones.
+        assert sizes == [256, 512, 532]
+        await asyncio.sleep(0.2)  # reads that find nothing: the next burst starts small
+        await rig.send(dataset, *visits(300, 1300))
+        await eventually(lambda: sum(sizes) == 1600)
+        assert sizes[3:] == [256, 44]
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    assert await rig.count("events", dataset) == 1600
+
+
 async def test_a_new_aggregate_is_backfilled_from_the_history(rig: Rig) -> None:
     dataset = new_dataset()
     cart = E.EVENT_TYPE_CART_UPDATED

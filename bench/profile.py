@@ -18,9 +18,9 @@ account.
 
 The service runs with its defaults but a 2 GiB cache, room for every profile (``--env
 NAME=VALUE`` overrides any setting), as ``--replicas`` processes (1 unless given) sharing
-the consumer group, as replicas of a deployment do. The figure is events over the time from the
-service's first acknowledgement to an empty backlog; the run checks that the history holds
-every event. Over the same span it reports the CPU time per event of the service's
+the consumer group, as replicas of a deployment do. The figure is events over the time
+from the service's first acknowledgement to an empty backlog; the run checks that the
+history holds every event. Over the same span it reports the CPU time per event of the service's
 processes, of the PostgreSQL backends serving the scratch database and of Redis (steadier
 than the rate on a shared machine). With ``--profile FILE``, py-spy samples the service's
 first replica into ``FILE`` (raw stacks, for ``py-spy``'s flame graph tools or a grep).

@@ -21,7 +21,7 @@ from audience.config import CommonConfig
 from audience.rules import micros_from_timestamp
 from audience.rules.aggregates import HOUR as HOUR_MICROS
 from audience.rules.aggregates import aggregate_id, canonical_spec
-from audience.streams import Bus, Consumer
+from audience.streams import Bus, Consumer, Delivery
 from audience.v1 import event_pb2, profile_pb2, segment_pb2
 from services.profile.applier import Applier, Incoming
 from services.profile.backfill import Backfiller
@@ -722,6 +722,15 @@ async def test_units_grow_from_small_after_an_idle_read(
         return await apply(items)
 
     monkeypatch.setattr(worker.applier, "apply", recording)
+    reads: list[int] = []
+    read = worker.consumer.read
+
+    async def counting() -> list[Delivery]:
+        found = await read()
+        reads.append(len(found))
+        return found
+
+    monkeypatch.setattr(worker.consumer, "read", counting)
 
     def visits(count: int, first: int) -> list[event_pb2.Event]:
         return [
@@ -735,7 +744,7 @@ async def test_units_grow_from_small_after_an_idle_read(
         await eventually(lambda: sum(sizes) == 1300)
         # The first events of the burst went out in a small unit, the rest in larger ones.
         assert sizes == [256, 512, 532]
-        await asyncio.sleep(0.2)  # reads that find nothing: the next burst starts small
+        await eventually(lambda: reads[-1] == 0)  # idle: the next burst starts small
         await rig.send(dataset, *visits(300, 1300))
         await eventually(lambda: sum(sizes) == 1600)
         assert sizes[3:] == [256, 44]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from audience.config import Address, CommonConfig, Env
+from audience.config import Address, CommonConfig, ConfigError, Env
 
 __all__ = ["ProfileConfig"]
 
@@ -68,6 +68,13 @@ class ProfileConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProfileConfig:
         env = Env(environ)
+        if env.optional_string("AUDIENCE_PROFILE_CACHE_SIZE") is not None:
+            # Refused rather than ignored: a deployment that sized the cache would otherwise
+            # start with the default without a word.
+            raise ConfigError(
+                "AUDIENCE_PROFILE_CACHE_SIZE: replaced by AUDIENCE_PROFILE_CACHE_MB (the"
+                " cache is bounded by memory, not by a count of profiles)"
+            )
         common = CommonConfig.from_env(environ)
         return cls(
             common=common,

@@ -269,3 +269,10 @@ def test_peer_addresses_default_to_the_process_own_listen_address() -> None:
         "segment-engine:50051",
     )
     assert str(ProfileConfig.from_env(named).segment_engine) == "segment-engine:50051"
+
+
+def test_the_profile_cache_is_sized_in_memory_and_the_old_count_is_refused() -> None:
+    assert ProfileConfig.from_env({}).cache_bytes == 128 << 20
+    assert ProfileConfig.from_env({"AUDIENCE_PROFILE_CACHE_MB": "512"}).cache_bytes == 512 << 20
+    with pytest.raises(ConfigError, match="AUDIENCE_PROFILE_CACHE_SIZE: replaced by"):
+        ProfileConfig.from_env({"AUDIENCE_PROFILE_CACHE_SIZE": "5000"})

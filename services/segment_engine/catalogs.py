@@ -1,7 +1,10 @@
 """Compiled catalogs per dataset, reloaded when the dataset's catalog revision moves.
 
-A rule is compiled once per (segment, version) and reused across catalog revisions, so
-editing one segment of a thousand recompiles one rule.
+A rule is compiled once and reused across catalog revisions, so editing one segment of a
+thousand recompiles one rule. Compiled rules are known by what they compile (kind and rule),
+not by segment and version: a segment deleted and made again under its id starts again at
+version 1, and a replica that never loaded the catalog without it must not take its new rule
+for the old one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class Catalogs:
     def __init__(self, store: SegmentStore) -> None:
         self._store = store
         self._catalogs: dict[str, Catalog] = {}
-        self._rules: dict[tuple[str, str, int], CompiledSegmentRule] = {}
+        # (dataset, kind, serialized rule) → compiled.
+        self._rules: dict[tuple[str, int, bytes], CompiledSegmentRule] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def get(self, dataset: str, revision: int | None = None) -> Catalog:
@@ -52,7 +56,7 @@ class Catalogs:
     async def _load(self, dataset: str) -> Catalog:
         revision, records = await self._store.catalog(dataset)
         definitions = [self._definition(record) for record in records]
-        live = {(dataset, d.segment_id, d.version) for d in definitions}
+        live = {_rule_key(record) for record in records}
         for key in [key for key in self._rules if key[0] == dataset and key not in live]:
             del self._rules[key]
         catalog = Catalog(dataset, revision, definitions)
@@ -62,7 +66,7 @@ class Catalogs:
     def _definition(self, record: SegmentRecord) -> SegmentDef:
         rule: CompiledSegmentRule | None = None
         if record.source is Source.RULE and record.rule is not None:
-            key = (record.dataset, record.segment_id, record.version)
+            key = _rule_key(record)
             rule = self._rules.get(key)
             if rule is None:
                 try:
@@ -86,3 +90,7 @@ class Catalogs:
             version=record.version,
             rule=rule,
         )
+
+
+def _rule_key(record: SegmentRecord) -> tuple[str, int, bytes]:
+    return (record.dataset, int(record.kind), record.rule or b"")

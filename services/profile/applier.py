@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from audience.cache import StateCache
 from audience.rules.values import datetime_from_micros
 from audience.v1 import event_pb2
-from services.profile.cache import StateCache
 from services.profile.catalog import Catalog
 from services.profile.codec import (
     ACCOUNT,

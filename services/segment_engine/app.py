@@ -88,6 +88,7 @@ async def build(resources: Resources) -> ServiceUnit:
         encode_reason=encode_reason,
         tracer=tracer,
         meter=meter,
+        cache_bytes=config.state_cache_bytes,
     )
     timers = TimerLoop(
         pool,

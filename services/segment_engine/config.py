@@ -51,6 +51,10 @@ class SegmentEngineConfig:
     """Profiles whose memberships are cached for ``ListMemberships``; 0 turns the cache off."""
     membership_cache_ttl: timedelta
     """The longest a cached answer is kept (a bound on staleness should a wake-up be lost)."""
+    state_cache_bytes: int
+    """About how much memory subjects' memberships, timers and roll-up counts take when
+    kept between transactions (a subject at the revision this replica last wrote is not
+    read again); 0 reads them every time."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SegmentEngineConfig:
@@ -97,4 +101,5 @@ class SegmentEngineConfig:
             membership_cache_ttl=env.duration(
                 f"{_P}MEMBERSHIP_CACHE_TTL", timedelta(seconds=30), minimum=timedelta(0)
             ),
+            state_cache_bytes=env.integer(f"{_P}STATE_CACHE_MB", 64, minimum=0) << 20,
         )

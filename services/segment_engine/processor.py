@@ -21,6 +21,7 @@ import asyncpg
 from opentelemetry import metrics, trace
 
 from audience.bus.v1 import profile_change_pb2
+from audience.cache import StateCache
 from audience.rules import LazyView, micros_from_timestamp
 from audience.telemetry import inject
 from services.segment_engine.catalogs import Catalogs
@@ -98,6 +99,24 @@ class Committed:
 CommitHook = Callable[[Committed], None]
 
 
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """A subject's memberships, timers and roll-up counts as a committed transaction left
+    them, kept for the next transaction that locks the subject at the same revision."""
+
+    sequence: int
+    """The subject row's revision (not its profile sequence): what the cache checks."""
+    memberships: dict[str, Membership]
+    timers: dict[str, int]
+    counts: dict[str, int]
+
+
+def _kept_size(kept: _Kept) -> int:
+    # Weighed with tracemalloc, the cache's own slot and the key included; segment ids
+    # and timer targets are the catalog's strings, shared.
+    return 600 + 120 * len(kept.memberships) + 80 * (len(kept.timers) + len(kept.counts))
+
+
 @dataclass(slots=True)
 class _Loaded:
     """A locked subject: its row as stored, and its domain state as evaluation changes it."""
@@ -151,6 +170,8 @@ class _Unit:
         self.bulk = WriteBatch()
         self.bulk_members: set[Key] = set()
         self._plain_reasons: dict[Cause, Reason] = {}
+        # What the subjects hold once this unit commits, for the processor's cache.
+        self.kept: list[tuple[Key, _Kept]] = []
 
     async def load(self, keys: Iterable[Key], *, skip_locked: bool = False) -> list[Key]:
         """Locks and reads subjects not loaded yet; returns those now loaded, in order."""
@@ -165,32 +186,40 @@ class _Unit:
         found = [key for key in wanted if key in rows]
         if not found:
             return []
+        cache = self.processor.cache
+        kept = {key: cache.take(key, rows[key].revision) for key in found}
         unknown = {key[0] for key in found} - self.catalogs.keys()
-        stored = await state.read(self.conn, found, unknown)
+        missed = [key for key in found if kept[key] is None]
+        stored = await state.read(self.conn, missed, unknown)
         for dataset in sorted(unknown):
             self.catalogs[dataset] = await self.processor.catalogs.get(
                 dataset, stored.revisions[dataset]
             )
-        memberships, timers, counts = stored.memberships, stored.timers, stored.counts
         for key in found:
             row = rows[key]
+            earlier = kept[key] or _Kept(
+                row.revision,
+                stored.memberships[key],
+                stored.timers[key],
+                stored.counts.get((row.dataset, row.subject_id), {}),
+            )
             subject = Subject(
                 dataset=row.dataset,
                 kind=row.kind,
                 subject_id=row.subject_id,
                 view=None,
                 account_id=row.account_id if row.kind is Kind.USER else None,
-                memberships=dict(memberships[key]),
+                memberships=dict(earlier.memberships),
                 rollups=set(row.rollups),
-                rollup_counts=dict(counts.get((row.dataset, row.subject_id), {})),
-                timers=dict(timers[key]),
+                rollup_counts=dict(earlier.counts),
+                timers=dict(earlier.timers),
             )
             loaded = _Loaded(
                 row=row,
                 subject=subject,
-                memberships=memberships[key],
-                timers=timers[key],
-                counts=dict(subject.rollup_counts),
+                memberships=earlier.memberships,
+                timers=earlier.timers,
+                counts=earlier.counts,
                 initial=(),
             )
             loaded.initial = loaded.state()
@@ -433,7 +462,20 @@ class _Unit:
         members: set[Key] = set()
         for key, loaded in self.loaded.items():
             row, subject = loaded.row, loaded.subject
-            if loaded.state() != loaded.initial:
+            moved = subject.memberships != loaded.memberships
+            if moved:
+                members.add(key)
+                batch.membership_diff(
+                    row.dataset, row.kind, row.subject_id, loaded.memberships, subject.memberships
+                )
+            if subject.timers != loaded.timers:
+                moved = True
+                batch.timer_diff(
+                    row.dataset, row.kind, row.subject_id, loaded.timers, subject.timers
+                )
+            revision = row.revision
+            if moved or subject.rollup_counts != loaded.counts or loaded.state() != loaded.initial:
+                revision += 1
                 batch.subjects.append(
                     SubjectWrite(
                         key=key,
@@ -445,16 +487,14 @@ class _Unit:
                         erased=row.erased,
                     )
                 )
-            if subject.memberships != loaded.memberships:
-                members.add(key)
-                batch.membership_diff(
-                    row.dataset, row.kind, row.subject_id, loaded.memberships, subject.memberships
-                )
-            batch.timer_diff(row.dataset, row.kind, row.subject_id, loaded.timers, subject.timers)
+            self.kept.append(
+                (key, _Kept(revision, subject.memberships, subject.timers, subject.rollup_counts))
+            )
         for dataset, deltas in self.deltas.items():
             batch.add_rollup_deltas(dataset, deltas)
         batch.fresh_joins.extend(self.bulk.fresh_joins)
         batch.leaves.extend(self.bulk.leaves)
+        batch.touched = sorted(self.bulk_members - self.loaded.keys())
         members |= self.bulk_members
         encode = self.processor.encode_reason
         # Reason objects are shared by many changes (a backfill's thousands of joins share
@@ -487,6 +527,8 @@ class Processor:
             trace context the change log keeps with the changes; no-op by default.
         meter: records how long transactions take and counts the changes they log;
             no-op by default.
+        cache_bytes: about how much memory the subjects' memberships, timers and roll-up
+            counts may take between transactions (0 reads them every time).
     """
 
     def __init__(
@@ -500,8 +542,10 @@ class Processor:
         on_commit: Sequence[CommitHook] = (),
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         self.pool = pool
+        self.cache: StateCache[Key, _Kept] = StateCache(cache_bytes, _kept_size)
         self.state = state
         self.catalogs = catalogs
         self.clock = clock
@@ -536,6 +580,8 @@ class Processor:
                         raise
                     _log.info("evaluation transaction lost a deadlock; running it again")
                     continue
+                for key, kept in unit.kept:
+                    self.cache.put(key, kept)
                 self._duration.record(time.perf_counter() - started, attributes)
                 self._count_changes(unit.changes)
                 for hook in self.on_commit:

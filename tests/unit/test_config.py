@@ -276,3 +276,11 @@ def test_the_profile_cache_is_sized_in_memory_and_the_old_count_is_refused() -> 
     assert ProfileConfig.from_env({"AUDIENCE_PROFILE_CACHE_MB": "512"}).cache_bytes == 512 << 20
     with pytest.raises(ConfigError, match="AUDIENCE_PROFILE_CACHE_SIZE: replaced by"):
         ProfileConfig.from_env({"AUDIENCE_PROFILE_CACHE_SIZE": "5000"})
+
+
+def test_the_segment_engine_state_cache_is_sized_in_memory() -> None:
+    assert SegmentEngineConfig.from_env({}).state_cache_bytes == 64 << 20
+    off = {"AUDIENCE_SEGMENT_ENGINE_STATE_CACHE_MB": "0"}
+    assert SegmentEngineConfig.from_env(off).state_cache_bytes == 0
+    with pytest.raises(ConfigError, match="AUDIENCE_SEGMENT_ENGINE_STATE_CACHE_MB"):
+        SegmentEngineConfig.from_env({"AUDIENCE_SEGMENT_ENGINE_STATE_CACHE_MB": "-1"})

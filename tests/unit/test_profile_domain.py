@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audience.bus.v1 import profile_change_pb2
+from audience.cache import StateCache
 from audience.rules.aggregates import BucketState, Observation, accumulate, aggregate_id
 from audience.rules.facts import facts_from_event
 from audience.rules.values import AttrValue, Instant
 from audience.rules.view import evaluation_row, view_from_proto
 from audience.v1 import event_pb2, profile_pb2, rule_pb2
-from services.profile.cache import StateCache
 from services.profile.codec import (
     bucket_bytes,
     change_batch,

@@ -57,7 +57,8 @@ WITH
 subjects_written AS (
     UPDATE segment_engine.subjects AS s SET
         sequence = u.sequence, view = u.view, view_time = {from_micros("u.view_time")},
-        account_id = u.account_id, rollups = u.rollups::text[], erased = u.erased
+        account_id = u.account_id, rollups = u.rollups::text[], erased = u.erased,
+        revision = s.revision + 1
     FROM unnest($1::text[], $2::smallint[], $3::text[], $4::bigint[], $5::bytea[],
                 $6::bigint[], $7::text[], $8::text[], $9::bool[])
          AS u(dataset, kind, subject_id, sequence, view, view_time, account_id, rollups,
@@ -117,6 +118,12 @@ days_counted AS (
 notified AS (
     SELECT pg_notify(n.channel, n.payload)
     FROM unnest($37::text[], $38::text[]) AS n(channel, payload)
+),
+subjects_touched AS (
+    UPDATE segment_engine.subjects AS s SET revision = s.revision + 1
+    FROM unnest($39::text[], $40::smallint[], $41::text[]) AS t(dataset, kind, subject_id)
+    WHERE s.dataset = t.dataset AND s.kind = t.kind AND s.subject_id = t.subject_id
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM notified)
 """
@@ -159,6 +166,8 @@ class SubjectRow:
     account_id: str | None
     rollups: list[str]
     erased: bool
+    # Raised by every write of the subject's state (the migration 0003 says why).
+    revision: int
 
     @property
     def key(self) -> Key:
@@ -167,7 +176,7 @@ class SubjectRow:
 
 @dataclass(frozen=True, slots=True)
 class SubjectWrite:
-    """A subject's new stored state."""
+    """A subject's new stored state (its revision is raised with it)."""
 
     key: Key
     sequence: int
@@ -223,6 +232,9 @@ class WriteBatch:
     changes: list[tuple[str, Change, bytes]] = field(default_factory=list)
     # The W3C traceparent of the evaluation, logged with each change; None untraced.
     trace_parent: str | None = None
+    # Subjects whose memberships changed but whose row is not among ``subjects``: their
+    # revision is raised all the same.
+    touched: list[Key] = field(default_factory=list)
 
     def membership_diff(
         self,
@@ -284,7 +296,7 @@ def _columns(keys: Iterable[Key]) -> tuple[list[str], list[int], list[str]]:
 
 _SUBJECT_COLUMNS = (
     "s.dataset, s.kind, s.subject_id, s.sequence, s.view, "
-    f"{micros('s.view_time')} AS view_time, s.account_id, s.rollups, s.erased"
+    f"{micros('s.view_time')} AS view_time, s.account_id, s.rollups, s.erased, s.revision"
 )
 
 _LOCK = f"""
@@ -316,6 +328,7 @@ def _row(record: asyncpg.Record) -> SubjectRow:
         account_id=record["account_id"],
         rollups=list(record["rollups"]),
         erased=record["erased"],
+        revision=record["revision"],
     )
 
 
@@ -478,8 +491,9 @@ class StateStore:
         changes took. The subjects must be locked by this transaction.
 
         Two statements (three with a bulk copy): every row but the log's, with the commit
-        notifications, in one; the log head and the log rows in the other, last, so the
-        head's lock is held only from there to the commit.
+        notifications and the revisions of the subjects written or touched, in one; the log
+        head and the log rows in the other, last, so the head's lock is held only from there
+        to the commit.
         """
         by_dataset: defaultdict[str, list[tuple[Change, bytes]]] = defaultdict(list)
         for dataset, change, reason in batch.changes:
@@ -503,6 +517,7 @@ class StateStore:
             or batch.timers_deleted
             or batch.timers_set
             or batch.rollup_deltas
+            or batch.touched
             or by_dataset
         ):
             await conn.execute(_WRITE, *self._write_arguments(batch, by_dataset))
@@ -580,6 +595,7 @@ class StateStore:
             [counts[1] for _, counts in days],
             [NOTIFY_CHANNEL] * len(notes),
             notes,
+            *_columns(batch.touched),
         ]
 
     async def _copy_log(

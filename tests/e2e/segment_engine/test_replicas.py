@@ -1,6 +1,7 @@
 """Two segment engine replicas on one database and one bus: the bus shares each subject's
 changes between them as they ask, so a subject is evaluated by one, then by the other, in
-turns neither can predict."""
+turns neither can predict. Each keeps the subjects it last wrote in memory, and must not
+act on that copy once the other has changed them."""
 
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ async def test_a_segment_made_again_under_its_id_is_evaluated_by_its_new_rule_ev
         await _publish(feed, "pro")
         await _all_in(a, feed, {"pro"})
         # Deleted and made again through the other replica: the new segment starts again
-        # at version 1, and replica a never loaded the catalog without it.
+        # at version 1, and replica a never loaded the catalog without it. The deletion's
+        # leaves are written without the subjects' views being read, and still raise their
+        # revisions: a replica that took its own copy (still in "pro") for the truth would
+        # see no join to make below.
         await b.segments.DeleteSegment(segment_service_pb2.DeleteSegmentRequest(name=pro.name))
         await _all_in(a, feed, set())
         again = await b.create(feed.dataset, "pro", 'attributes.plan = "gold"')
@@ -81,3 +85,17 @@ async def test_a_segment_made_again_under_its_id_is_evaluated_by_its_new_rule_ev
         await _publish(feed, "gold")
         await _all_in(a, feed, {"pro"})
         await _all_in(b, feed, {"pro"})
+
+
+async def test_replicas_taking_turns_on_the_same_subjects_miss_no_join_or_leave(
+    start_suite: StartSuite,
+) -> None:
+    async with _replicas(start_suite) as (a, b, feed):
+        pro = await a.create(feed.dataset, "pro", 'attributes.plan = "pro"')
+        await a.wait_active(pro.name)
+        for round_ in range(8):
+            plan = "pro" if round_ % 2 == 0 else "free"
+            await _publish(feed, plan)
+            expected = {"pro"} if plan == "pro" else set()
+            await _all_in(a, feed, expected)
+            await _all_in(b, feed, expected)

@@ -1,10 +1,10 @@
-"""In-memory state kept between batches, trusted only when the row's sequence agrees.
+"""In-memory state kept between transactions, trusted only when its row's number agrees.
 
-Every change to a profile or an account, by any replica, raises its row's ``sequence``
-under the row lock. A unit of work locks the row, reads the sequence and uses a cached
-state only when it carries the same number; otherwise it reads the row again. Entries are
-taken out of the cache while a unit works on them, so a unit that fails leaves nothing
-half-changed behind.
+Every change to a row's state, by any replica, raises a number on the row under the row
+lock (the profile service's ``sequence``, the segment engine's ``revision``). A unit of
+work locks the row, reads the number and uses a cached state only when it carries the same
+one; otherwise it reads the state again. Entries are taken out of the cache while a unit
+works on them, so a unit that fails leaves nothing half-changed behind.
 """
 
 from __future__ import annotations

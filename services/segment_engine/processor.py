@@ -487,14 +487,18 @@ class _Unit:
                         erased=row.erased,
                     )
                 )
-            self.kept.append(
-                (key, _Kept(revision, subject.memberships, subject.timers, subject.rollup_counts))
-            )
+            if key not in self.bulk_members:
+                self.kept.append(
+                    (
+                        key,
+                        _Kept(revision, subject.memberships, subject.timers, subject.rollup_counts),
+                    )
+                )
         for dataset, deltas in self.deltas.items():
             batch.add_rollup_deltas(dataset, deltas)
         batch.fresh_joins.extend(self.bulk.fresh_joins)
         batch.leaves.extend(self.bulk.leaves)
-        batch.touched = sorted(self.bulk_members - self.loaded.keys())
+        batch.touched = sorted(self.bulk_members - {write.key for write in batch.subjects})
         members |= self.bulk_members
         encode = self.processor.encode_reason
         # Reason objects are shared by many changes (a backfill's thousands of joins share

@@ -106,6 +106,8 @@ class _Kept:
 
     sequence: int
     """The subject row's revision (not its profile sequence): what the cache checks."""
+    generation: int
+    """The dataset's bulk generation when the unit that kept this locked the subject."""
     memberships: dict[str, Membership]
     timers: dict[str, int]
     counts: dict[str, int]
@@ -127,6 +129,7 @@ class _Loaded:
     timers: dict[str, int]
     counts: dict[str, int]
     initial: tuple[Any, ...]
+    generation: int
     parsed: Any = None
 
     def current_view(self) -> Any:
@@ -188,9 +191,23 @@ class _Unit:
             return []
         cache = self.processor.cache
         kept = {key: cache.take(key, rows[key].revision) for key in found}
-        unknown = {key[0] for key in found} - self.catalogs.keys()
+        datasets = {key[0] for key in found}
+        unknown = datasets - self.catalogs.keys()
         missed = [key for key in found if kept[key] is None]
-        stored = await state.read(self.conn, missed, unknown)
+        stored = await state.read(self.conn, missed, datasets)
+        generations = stored.generations
+        stale = [
+            key
+            for key, copy in kept.items()
+            if copy is not None and copy.generation != generations[key[0]]
+        ]
+        if stale:
+            # Memberships were written on the bulk path since: maybe these subjects'.
+            again = await state.read(self.conn, stale)
+            stored.memberships.update(again.memberships)
+            stored.timers.update(again.timers)
+            stored.counts.update(again.counts)
+            kept.update(dict.fromkeys(stale))
         for dataset in sorted(unknown):
             self.catalogs[dataset] = await self.processor.catalogs.get(
                 dataset, stored.revisions[dataset]
@@ -199,6 +216,7 @@ class _Unit:
             row = rows[key]
             earlier = kept[key] or _Kept(
                 row.revision,
+                generations[row.dataset],
                 stored.memberships[key],
                 stored.timers[key],
                 stored.counts.get((row.dataset, row.subject_id), {}),
@@ -221,6 +239,7 @@ class _Unit:
                 timers=earlier.timers,
                 counts=earlier.counts,
                 initial=(),
+                generation=generations[row.dataset],
             )
             loaded.initial = loaded.state()
             self.loaded[key] = loaded
@@ -491,14 +510,20 @@ class _Unit:
                 self.kept.append(
                     (
                         key,
-                        _Kept(revision, subject.memberships, subject.timers, subject.rollup_counts),
+                        _Kept(
+                            revision,
+                            loaded.generation,
+                            subject.memberships,
+                            subject.timers,
+                            subject.rollup_counts,
+                        ),
                     )
                 )
         for dataset, deltas in self.deltas.items():
             batch.add_rollup_deltas(dataset, deltas)
         batch.fresh_joins.extend(self.bulk.fresh_joins)
         batch.leaves.extend(self.bulk.leaves)
-        batch.touched = sorted(self.bulk_members - {write.key for write in batch.subjects})
+        batch.bulk_datasets = {key[0] for key in self.bulk_members}
         members |= self.bulk_members
         encode = self.processor.encode_reason
         # Reason objects are shared by many changes (a backfill's thousands of joins share

@@ -118,25 +118,24 @@ days_counted AS (
 notified AS (
     SELECT pg_notify(n.channel, n.payload)
     FROM unnest($37::text[], $38::text[]) AS n(channel, payload)
-),
-subjects_touched AS (
-    UPDATE segment_engine.subjects AS s SET revision = s.revision + 1
-    FROM unnest($39::text[], $40::smallint[], $41::text[]) AS t(dataset, kind, subject_id)
-    WHERE s.dataset = t.dataset AND s.kind = t.kind AND s.subject_id = t.subject_id
-    RETURNING 1
 )
 SELECT (SELECT count(*) FROM notified)
 """
 
-# The log head's row lock, held to the commit, orders allocation with commit.
-_HEAD = """
-INSERT INTO segment_engine.log_heads AS h (dataset, last_seq) VALUES ($1, $2)
-ON CONFLICT (dataset) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq
+# The log head's row lock, held to the commit, orders allocation with commit. The
+# parameter ``bulk`` (0 or 1) raises the dataset's bulk generation.
+_HEAD_TEMPLATE = """
+INSERT INTO segment_engine.log_heads AS h (dataset, last_seq, bulk_generation)
+VALUES ($1, $2, ${bulk})
+ON CONFLICT (dataset) DO UPDATE
+SET last_seq = h.last_seq + EXCLUDED.last_seq,
+    bulk_generation = h.bulk_generation + EXCLUDED.bulk_generation
 RETURNING last_seq
 """
+_HEAD = _HEAD_TEMPLATE.format(bulk=3)
 
 _HEAD_AND_LOG = f"""
-WITH head AS ({_HEAD}),
+WITH head AS ({_HEAD_TEMPLATE.format(bulk=11)}),
 logged AS (
     INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
                                         segment_version, change, change_time, reason,
@@ -209,6 +208,8 @@ class Stored:
     # (dataset, account id) → roll-up key → count.
     counts: dict[tuple[str, str], dict[str, int]]
     revisions: dict[str, int] = field(default_factory=dict)
+    # Dataset → its bulk generation (see the migration 0003).
+    generations: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -232,9 +233,9 @@ class WriteBatch:
     changes: list[tuple[str, Change, bytes]] = field(default_factory=list)
     # The W3C traceparent of the evaluation, logged with each change; None untraced.
     trace_parent: str | None = None
-    # Subjects whose memberships changed but whose row is not among ``subjects``: their
-    # revision is raised all the same.
-    touched: list[Key] = field(default_factory=list)
+    # Datasets with memberships written on the bulk path (their subjects not loaded):
+    # their bulk generation is raised.
+    bulk_datasets: set[str] = field(default_factory=set)
 
     def membership_diff(
         self,
@@ -424,8 +425,9 @@ class StateStore:
         datasets: Iterable[str] = (),
     ) -> Stored:
         """Reads, in one round trip, the subjects' memberships and timers, the roll-up
-        counts of those that are accounts, and the catalog revisions of ``datasets``. Call
-        it after locking the subjects: it then sees what their last writers committed."""
+        counts of those that are accounts, and the catalog revisions and bulk generations
+        of ``datasets``. Call it after locking the subjects: it then sees what their last
+        writers committed."""
         stored = Stored(
             memberships={key: {} for key in keys},
             timers={key: {} for key in keys},
@@ -455,6 +457,9 @@ class StateStore:
             UNION ALL
             SELECT 3, c.dataset, NULL, NULL, NULL, c.revision, NULL
             FROM segment_engine.catalogs AS c WHERE c.dataset = ANY($6::text[])
+            UNION ALL
+            SELECT 4, h.dataset, NULL, NULL, NULL, h.bulk_generation, NULL
+            FROM segment_engine.log_heads AS h WHERE h.dataset = ANY($6::text[])
             """,
             *_columns(keys),
             [key[0] for key in accounts],
@@ -462,6 +467,7 @@ class StateStore:
             names,
         )
         revisions = dict.fromkeys(names, 0)
+        generations = dict.fromkeys(names, 0)
         for r in records:
             part = r[0]
             if part == 0:
@@ -470,9 +476,12 @@ class StateStore:
                 stored.timers[(r[1], r[2], r[3])][r[4]] = r[6]
             elif part == 2:
                 stored.counts[(r[1], r[3])][r[4]] = r[5]
-            else:
+            elif part == 3:
                 revisions[r[1]] = r[5]
+            else:
+                generations[r[1]] = r[5]
         stored.revisions.update(revisions)
+        stored.generations.update(generations)
         return stored
 
     async def catalog_revisions(
@@ -491,7 +500,7 @@ class StateStore:
         changes took. The subjects must be locked by this transaction.
 
         Two statements (three with a bulk copy): every row but the log's, with the commit
-        notifications and the revisions of the subjects written or touched, in one; the log
+        notifications and the revisions of the subjects written, in one; the log
         head and the log rows in the other, last, so the head's lock is held only from there
         to the commit.
         """
@@ -517,15 +526,15 @@ class StateStore:
             or batch.timers_deleted
             or batch.timers_set
             or batch.rollup_deltas
-            or batch.touched
             or by_dataset
         ):
             await conn.execute(_WRITE, *self._write_arguments(batch, by_dataset))
         logged: list[LoggedRange] = []
         for dataset in sorted(by_dataset):
             entries = by_dataset[dataset]
+            bulk = int(dataset in batch.bulk_datasets)
             if len(entries) >= _COPY_FROM:
-                last = await conn.fetchval(_HEAD, dataset, len(entries))
+                last = await conn.fetchval(_HEAD, dataset, len(entries), bulk)
                 await self._copy_log(
                     conn, dataset, last - len(entries) + 1, entries, batch.trace_parent
                 )
@@ -542,6 +551,7 @@ class StateStore:
                     [c.time for c, _ in entries],
                     [reason for _, reason in entries],
                     batch.trace_parent,
+                    bulk,
                 )
             logged.append(LoggedRange(dataset, last - len(entries) + 1, last))
         return logged
@@ -595,7 +605,6 @@ class StateStore:
             [counts[1] for _, counts in days],
             [NOTIFY_CHANNEL] * len(notes),
             notes,
-            *_columns(batch.touched),
         ]
 
     async def _copy_log(

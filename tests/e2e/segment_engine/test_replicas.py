@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from audience.v1 import segment_service_pb2
+from audience.v1 import segment_pb2, segment_service_pb2
 from services.segment_engine.app import DEFINITION
 from tests.e2e.conftest import StartSuite, new_dataset
 from tests.e2e.segment_engine.harness import (
@@ -32,7 +32,10 @@ _SUBJECTS = [f"p{n}" for n in range(6)]
 
 
 @contextlib.asynccontextmanager
-async def _replicas(start_suite: StartSuite) -> AsyncIterator[tuple[Clients, Clients, Feed]]:
+async def _replicas(
+    start_suite: StartSuite,
+) -> AsyncIterator[tuple[Clients, Clients, Feed, segment_pb2.Segment]]:
+    """Replicas a and b, a feed, and the segment "pro" (`attributes.plan = "pro"`)."""
     fake = fake_profiles()
     async with (
         start_suite(
@@ -44,11 +47,10 @@ async def _replicas(start_suite: StartSuite) -> AsyncIterator[tuple[Clients, Cli
             {**_FAST, "AUDIENCE_SEGMENT_ENGINE_CONSUMER_NAME": "replica-b"},
         ) as second,
     ):
-        yield (
-            Clients(first.channel),
-            Clients(second.channel),
-            Feed(first.resources.bus, new_dataset(), fake),
-        )
+        a, b = Clients(first.channel), Clients(second.channel)
+        feed = Feed(first.resources.bus, new_dataset(), fake)
+        pro = await a.create(feed.dataset, "pro", 'attributes.plan = "pro"')
+        yield a, b, feed, await a.wait_active(pro.name)
 
 
 async def _publish(feed: Feed, plan: str) -> None:
@@ -68,16 +70,14 @@ async def _all_in(clients: Clients, feed: Feed, expected: set[str]) -> None:
 async def test_a_segment_made_again_under_its_id_is_evaluated_by_its_new_rule_everywhere(
     start_suite: StartSuite,
 ) -> None:
-    async with _replicas(start_suite) as (a, b, feed):
-        pro = await a.create(feed.dataset, "pro", 'attributes.plan = "pro"')
-        await a.wait_active(pro.name)
+    async with _replicas(start_suite) as (a, b, feed, pro):
         await _publish(feed, "pro")
         await _all_in(a, feed, {"pro"})
         # Deleted and made again through the other replica: the new segment starts again
         # at version 1, and replica a never loaded the catalog without it. The deletion's
-        # leaves are written without the subjects' views being read, and still raise their
-        # revisions: a replica that took its own copy (still in "pro") for the truth would
-        # see no join to make below.
+        # leaves are written without the subjects being loaded, and still raise the
+        # dataset's bulk generation: a replica that took its own copy of a subject (still
+        # in "pro") for the truth would see no join to make below.
         await b.segments.DeleteSegment(segment_service_pb2.DeleteSegmentRequest(name=pro.name))
         await _all_in(a, feed, set())
         again = await b.create(feed.dataset, "pro", 'attributes.plan = "gold"')
@@ -90,9 +90,7 @@ async def test_a_segment_made_again_under_its_id_is_evaluated_by_its_new_rule_ev
 async def test_replicas_taking_turns_on_the_same_subjects_miss_no_join_or_leave(
     start_suite: StartSuite,
 ) -> None:
-    async with _replicas(start_suite) as (a, b, feed):
-        pro = await a.create(feed.dataset, "pro", 'attributes.plan = "pro"')
-        await a.wait_active(pro.name)
+    async with _replicas(start_suite) as (a, b, feed, _):
         for round_ in range(8):
             plan = "pro" if round_ % 2 == 0 else "free"
             await _publish(feed, plan)

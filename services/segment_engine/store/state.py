@@ -500,9 +500,9 @@ class StateStore:
         changes took. The subjects must be locked by this transaction.
 
         Two statements (three with a bulk copy): every row but the log's, with the commit
-        notifications and the revisions of the subjects written, in one; the log
-        head and the log rows in the other, last, so the head's lock is held only from there
-        to the commit.
+        notifications and the written subjects' revisions, in one; the log head (with the
+        dataset's bulk generation) and the log rows in the other, last, so the head's lock
+        is held only from there to the commit.
         """
         by_dataset: defaultdict[str, list[tuple[Change, bytes]]] = defaultdict(list)
         for dataset, change, reason in batch.changes:

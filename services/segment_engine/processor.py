@@ -506,19 +506,20 @@ class _Unit:
                         erased=row.erased,
                     )
                 )
-            if key not in self.bulk_members:
-                self.kept.append(
-                    (
-                        key,
-                        _Kept(
-                            revision,
-                            loaded.generation,
-                            subject.memberships,
-                            subject.timers,
-                            subject.rollup_counts,
-                        ),
-                    )
+            # A unit that wrote on the bulk path raises its dataset's generation past the
+            # one kept here: what it keeps is read again, whatever the bulk path changed.
+            self.kept.append(
+                (
+                    key,
+                    _Kept(
+                        revision,
+                        loaded.generation,
+                        subject.memberships,
+                        subject.timers,
+                        subject.rollup_counts,
+                    ),
                 )
+            )
         for dataset, deltas in self.deltas.items():
             batch.add_rollup_deltas(dataset, deltas)
         batch.fresh_joins.extend(self.bulk.fresh_joins)

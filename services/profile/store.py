@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from google.protobuf import duration_pb2
@@ -42,6 +42,7 @@ __all__ = [
     "AGGREGATE_BACKFILLING",
     "AGGREGATE_READY",
     "EVALUATION_COLUMN_TYPES",
+    "PROFILE_ROW",
     "EventRow",
     "ProfileStore",
     "identity_hash",
@@ -105,24 +106,27 @@ def _write_statement() -> str:
     missing = [name for name in EVALUATION_COLUMNS if name not in EVALUATION_COLUMN_TYPES]
     if missing:
         raise RuntimeError(f"evaluation columns without a known SQL type: {missing}")
-    columns = [(name, EVALUATION_COLUMN_TYPES[name]) for name in EVALUATION_COLUMNS] + list(
-        _OWN_COLUMNS
-    )
-    arrays = ", ".join(f"${i + 4}::{kind}[]" for i, (_, kind) in enumerate(columns))
-    names = ", ".join(name for name, _ in columns)
     sets = ", ".join(
         f"{name} = u.{name}::jsonb" if name in _JSON_COLUMNS else f"{name} = u.{name}"
-        for name, _ in columns
+        for name in _WRITTEN_COLUMNS
     )
     return (
         f"UPDATE {S}.profiles AS p SET {sets}, update_time = now() "
-        f"FROM unnest($2::text[], $3::text[], {arrays}) AS u(dataset, profile_id, {names}) "
+        f"FROM unnest($2::{S}.profile_row[]) AS u "
         "WHERE p.dataset = u.dataset AND p.kind = $1 AND p.profile_id = u.profile_id"
     )
 
 
-_WRITE_PROFILES = _write_statement()
 _WRITTEN_COLUMNS = (*EVALUATION_COLUMNS, *(name for name, _ in _OWN_COLUMNS))
+PROFILE_ROW: Sequence[tuple[str, str]] = (
+    ("dataset", "text"),
+    ("profile_id", "text"),
+    *((name, EVALUATION_COLUMN_TYPES[name]) for name in EVALUATION_COLUMNS),
+    *_OWN_COLUMNS,
+)
+"""The attributes of ``profile_row``, the rows :meth:`ProfileStore.write_profiles` passes
+(migration 0007), in order."""
+_WRITE_PROFILES = _write_statement()
 
 _ROW_COLUMNS = (
     "p.sequence, p.attributes, p.account_id, p.first_seen, p.last_seen, p.lifetime_value,"
@@ -148,9 +152,9 @@ def _month_start(month: int) -> datetime:
     return datetime(month // 12, month % 12 + 1, 1, tzinfo=UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    """One event of the history, as stored."""
+class EventRow(NamedTuple):
+    """One event of the history, as stored: the attributes of ``event_row`` (migration
+    0007), in order."""
 
     dataset: str
     occurred_at: datetime
@@ -412,16 +416,9 @@ class ProfileStore:
         inserted = await conn.fetch(
             f"INSERT INTO {S}.events"
             " (dataset, occurred_at, event_id, profile_id, account_id, name, payload)"
-            " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],"
-            " $5::text[], $6::text[], $7::bytea[])"
+            f" SELECT * FROM unnest($1::{S}.event_row[])"
             " ON CONFLICT DO NOTHING RETURNING dataset, event_id, occurred_at",
-            [row.dataset for row in rows],
-            [row.occurred_at for row in rows],
-            [row.event_id for row in rows],
-            [row.profile_id for row in rows],
-            [row.account_id for row in rows],
-            [row.name for row in rows],
-            [row.payload for row in rows],
+            rows,
         )
         return {(row["dataset"], row["event_id"], row["occurred_at"]) for row in inserted}
 
@@ -521,50 +518,46 @@ class ProfileStore:
         """Writes profiles' rows (sequence included); the rows exist and are locked."""
         if not states:
             return
-        columns: dict[str, list[Any]] = {name: [] for name in _WRITTEN_COLUMNS}
+        rows = []
         for state in states:
-            row = evaluation_columns(state)
-            row["sequence"] = state.sequence
-            row["known"] = state.known
-            row["user_count"] = 0
-            row["event_count"] = state.event_count
-            row["state"] = state_blob(state)
-            row["aggregates_expire"] = (
-                None if state.expire is None else datetime_from_micros(state.expire)
+            columns = evaluation_columns(state)
+            rows.append(
+                (
+                    state.dataset,
+                    state.profile_id,
+                    *map(columns.__getitem__, EVALUATION_COLUMNS),
+                    state.sequence,
+                    state.known,
+                    0,
+                    state.event_count,
+                    state_blob(state),
+                    None if state.expire is None else datetime_from_micros(state.expire),
+                )
             )
-            for name, values in columns.items():
-                values.append(row[name])
-        await conn.execute(
-            _WRITE_PROFILES,
-            USER,
-            [state.dataset for state in states],
-            [state.profile_id for state in states],
-            *columns.values(),
-        )
+        await conn.execute(_WRITE_PROFILES, USER, rows)
 
     async def write_accounts(
         self, conn: asyncpg.Connection, accounts: Sequence[AccountState]
     ) -> None:
         if not accounts:
             return
-        columns: dict[str, list[Any]] = {name: [] for name in _WRITTEN_COLUMNS}
+        rows = []
         for account in accounts:
-            row = evaluation_columns(account)
-            row["sequence"] = account.sequence
-            row["known"] = False
-            row["user_count"] = account.user_count
-            row["event_count"] = 0
-            row["state"] = None
-            row["aggregates_expire"] = None
-            for name, values in columns.items():
-                values.append(row[name])
-        await conn.execute(
-            _WRITE_PROFILES,
-            ACCOUNT,
-            [account.dataset for account in accounts],
-            [account.account_id for account in accounts],
-            *columns.values(),
-        )
+            columns = evaluation_columns(account)
+            rows.append(
+                (
+                    account.dataset,
+                    account.account_id,
+                    *map(columns.__getitem__, EVALUATION_COLUMNS),
+                    account.sequence,
+                    False,
+                    account.user_count,
+                    0,
+                    None,
+                    None,
+                )
+            )
+        await conn.execute(_WRITE_PROFILES, ACCOUNT, rows)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import pytest
 from audience import db
 from audience.rules import BucketState, bucket_from_json, evaluation_schema_ddl
 from audience.rules.values import datetime_from_micros
+from services.profile.store import PROFILE_ROW, EventRow
 
 pytestmark = pytest.mark.integration
 
@@ -23,6 +24,11 @@ _COLUMNS = (
     " FROM information_schema.columns WHERE table_schema = $1"
 )
 _INDEXES = "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1"
+_ATTRIBUTES = (
+    "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute AS a"
+    " WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped"
+    " ORDER BY a.attnum"
+)
 
 
 async def test_the_migrated_schema_has_every_column_and_index_of_the_evaluation_schema(
@@ -47,6 +53,33 @@ async def test_the_migrated_schema_has_every_column_and_index_of_the_evaluation_
             row["indexname"]: row["indexdef"] for row in await connection.fetch(_INDEXES, "profile")
         }
         assert {name: migrated.get(name) for name in indexes} == indexes
+    finally:
+        await connection.close()
+
+
+async def test_the_row_types_of_the_bulk_writes_are_the_rows_the_store_builds(
+    fresh_postgres_dsn: str,
+) -> None:
+    connection = await asyncpg.connect(fresh_postgres_dsn)
+    try:
+        await db.migrate(
+            connection, schema="profile", migrations=files("services.profile") / "migrations"
+        )
+        names = [name for name, _ in PROFILE_ROW]
+        types = await connection.fetchval(
+            "SELECT array_agg(format_type(t::regtype, NULL) ORDER BY n)"
+            " FROM unnest($1::text[]) WITH ORDINALITY AS u(t, n)",
+            [kind for _, kind in PROFILE_ROW],
+        )
+        profile_row = await connection.fetch(_ATTRIBUTES, "profile.profile_row")
+        assert [tuple(row) for row in profile_row] == list(zip(names, types, strict=True))
+        # An event row is inserted into the history as it is: the same columns, same types.
+        event_row = await connection.fetch(_ATTRIBUTES, "profile.event_row")
+        events = {
+            row["attname"]: tuple(row)
+            for row in await connection.fetch(_ATTRIBUTES, "profile.events")
+        }
+        assert [tuple(row) for row in event_row] == [events[name] for name in EventRow._fields]
     finally:
         await connection.close()
 
@@ -131,6 +164,7 @@ async def test_buckets_of_the_first_schema_move_into_the_aggregates_document(
                 "0004_merge_sequences.sql",
                 "0005_outbox.sql",
                 "0006_retired_profiles.sql",
+                "0007_row_types.sql",
             ]
             rows = {
                 row["profile_id"]: row

@@ -57,18 +57,15 @@ WITH
 subjects_written AS (
     UPDATE segment_engine.subjects AS s SET
         sequence = u.sequence, view = u.view, view_time = {from_micros("u.view_time")},
-        account_id = u.account_id, rollups = u.rollups::text[], erased = u.erased,
+        account_id = u.account_id, rollups = u.rollups, erased = u.erased,
         revision = s.revision + 1
-    FROM unnest($1::text[], $2::smallint[], $3::text[], $4::bigint[], $5::bytea[],
-                $6::bigint[], $7::text[], $8::text[], $9::bool[])
-         AS u(dataset, kind, subject_id, sequence, view, view_time, account_id, rollups,
-              erased)
+    FROM unnest($1::segment_engine.subject_write[]) AS u
     WHERE s.dataset = u.dataset AND s.kind = u.kind AND s.subject_id = u.subject_id
     RETURNING 1
 ),
 memberships_left AS (
     DELETE FROM segment_engine.memberships AS m
-    USING unnest($10::text[], $11::text[], $12::text[]) AS d(dataset, segment_id, subject_id)
+    USING unnest($2::segment_engine.membership_key[]) AS d
     WHERE m.dataset = d.dataset AND m.segment_id = d.segment_id
       AND m.subject_id = d.subject_id
     RETURNING 1
@@ -78,16 +75,14 @@ memberships_joined AS (
         (dataset, segment_id, subject_id, kind, version, join_time)
     SELECT j.dataset, j.segment_id, j.subject_id, j.kind, j.version,
            {from_micros("j.join_time")}
-    FROM unnest($13::text[], $14::text[], $15::text[], $16::smallint[], $17::bigint[],
-                $18::bigint[]) AS j(dataset, segment_id, subject_id, kind, version, join_time)
+    FROM unnest($3::segment_engine.membership_row[]) AS j
     ON CONFLICT (dataset, segment_id, subject_id) DO UPDATE
     SET version = EXCLUDED.version, join_time = EXCLUDED.join_time
     RETURNING 1
 ),
 timers_gone AS (
     DELETE FROM segment_engine.timers AS t
-    USING unnest($19::text[], $20::smallint[], $21::text[], $22::text[])
-          AS d(dataset, kind, subject_id, target)
+    USING unnest($4::segment_engine.timer_key[]) AS d
     WHERE t.dataset = d.dataset AND t.kind = d.kind AND t.subject_id = d.subject_id
       AND t.target = d.target
     RETURNING 1
@@ -95,21 +90,20 @@ timers_gone AS (
 timers_set AS (
     INSERT INTO segment_engine.timers (dataset, kind, subject_id, target, due)
     SELECT t.dataset, t.kind, t.subject_id, t.target, {from_micros("t.due")}
-    FROM unnest($23::text[], $24::smallint[], $25::text[], $26::text[], $27::bigint[])
-         AS t(dataset, kind, subject_id, target, due)
+    FROM unnest($5::segment_engine.timer_row[]) AS t
     ON CONFLICT (dataset, kind, subject_id, target) DO UPDATE SET due = EXCLUDED.due
     RETURNING 1
 ),
 counts_moved AS (
     INSERT INTO segment_engine.rollup_counts AS c (dataset, account_id, rollup_key, count)
-    SELECT * FROM unnest($28::text[], $29::text[], $30::text[], $31::bigint[])
+    SELECT * FROM unnest($6::text[], $7::text[], $8::text[], $9::bigint[])
     ON CONFLICT (dataset, account_id, rollup_key) DO UPDATE SET count = c.count + EXCLUDED.count
     RETURNING 1
 ),
 days_counted AS (
     INSERT INTO segment_engine.segment_days AS d (dataset, segment_id, day, joins, leaves)
     SELECT u.dataset, u.segment_id, date '1970-01-01' + u.day, u.joins, u.leaves
-    FROM unnest($32::text[], $33::text[], $34::int[], $35::bigint[], $36::bigint[])
+    FROM unnest($10::text[], $11::text[], $12::int[], $13::bigint[], $14::bigint[])
          AS u(dataset, segment_id, day, joins, leaves)
     ON CONFLICT (dataset, segment_id, day) DO UPDATE
     SET joins = d.joins + EXCLUDED.joins, leaves = d.leaves + EXCLUDED.leaves
@@ -117,7 +111,7 @@ days_counted AS (
 ),
 notified AS (
     SELECT pg_notify(n.channel, n.payload)
-    FROM unnest($37::text[], $38::text[]) AS n(channel, payload)
+    FROM unnest($15::text[], $16::text[]) AS n(channel, payload)
 )
 SELECT (SELECT count(*) FROM notified)
 """
@@ -135,15 +129,14 @@ RETURNING last_seq
 _HEAD = _HEAD_TEMPLATE.format(bulk=3)
 
 _HEAD_AND_LOG = f"""
-WITH head AS ({_HEAD_TEMPLATE.format(bulk=11)}),
+WITH head AS ({_HEAD_TEMPLATE.format(bulk=5)}),
 logged AS (
     INSERT INTO segment_engine.changes (dataset, seq, kind, subject_id, segment_id,
                                         segment_version, change, change_time, reason,
                                         trace_parent)
     SELECT $1, head.last_seq - $2 + c.n, c.kind, c.subject_id, c.segment_id,
-           c.segment_version, c.change, {from_micros("c.change_time")}, c.reason, $10
-    FROM head, unnest($3::smallint[], $4::text[], $5::text[], $6::bigint[], $7::smallint[],
-                      $8::bigint[], $9::bytea[])
+           c.segment_version, c.change, {from_micros("c.change_time")}, c.reason, $4
+    FROM head, unnest($3::segment_engine.change_row[])
                WITH ORDINALITY AS c(kind, subject_id, segment_id, segment_version, change,
                                     change_time, reason, n)
     RETURNING 1
@@ -217,15 +210,16 @@ class WriteBatch:
     """Everything one transaction writes after evaluating a set of subjects."""
 
     subjects: list[SubjectWrite] = field(default_factory=list)
-    # (dataset, segment id, subject id, kind, version, join time)
+    # The tuples below are rows of the types the statements take (migration 0004).
+    # (dataset, segment id, subject id, kind, version, join time): a membership_row
     joins: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
     # Joins known to be new rows (checked under the subject's lock): copied in bulk.
     fresh_joins: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
-    # (dataset, segment id, subject id)
+    # (dataset, segment id, subject id): a membership_key
     leaves: list[tuple[str, str, str]] = field(default_factory=list)
-    # (dataset, kind, subject id, target, due)
+    # (dataset, kind, subject id, target, due): a timer_row
     timers_set: list[tuple[str, int, str, str, int]] = field(default_factory=list)
-    # (dataset, kind, subject id, target)
+    # (dataset, kind, subject id, target): a timer_key
     timers_deleted: list[tuple[str, int, str, str]] = field(default_factory=list)
     # (dataset, account id, roll-up key) → delta
     rollup_deltas: dict[tuple[str, str, str], int] = field(default_factory=dict)
@@ -284,17 +278,6 @@ class WriteBatch:
                 self.rollup_deltas.pop(slot, None)
 
 
-def _columns(keys: Iterable[Key]) -> tuple[list[str], list[int], list[str]]:
-    datasets: list[str] = []
-    kinds: list[int] = []
-    ids: list[str] = []
-    for dataset, kind, subject_id in keys:
-        datasets.append(dataset)
-        kinds.append(kind)
-        ids.append(subject_id)
-    return datasets, kinds, ids
-
-
 _SUBJECT_COLUMNS = (
     "s.dataset, s.kind, s.subject_id, s.sequence, s.view, "
     f"{micros('s.view_time')} AS view_time, s.account_id, s.rollups, s.erased, s.revision"
@@ -303,7 +286,7 @@ _SUBJECT_COLUMNS = (
 _LOCK = f"""
 SELECT {_SUBJECT_COLUMNS}
 FROM segment_engine.subjects AS s
-JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
+JOIN unnest($1::segment_engine.subject_key[]) AS k
   ON s.dataset = k.dataset AND s.kind = k.kind AND s.subject_id = k.subject_id
 ORDER BY s.dataset, s.kind, s.subject_id
 FOR UPDATE OF s
@@ -313,7 +296,7 @@ _LOCK_SKIP = _LOCK.replace("FOR UPDATE OF s", "FOR UPDATE OF s SKIP LOCKED")
 
 _CREATE = """
 INSERT INTO segment_engine.subjects (dataset, kind, subject_id)
-SELECT * FROM unnest($1::text[], $2::smallint[], $3::text[])
+SELECT * FROM unnest($1::segment_engine.subject_key[])
 ON CONFLICT DO NOTHING
 """
 
@@ -348,13 +331,13 @@ class StateStore:
         wanted = sorted(set(keys))
         if not wanted:
             return {}
-        found = {row.key: row for row in map(_row, await conn.fetch(_LOCK, *_columns(wanted)))}
+        found = {row.key: row for row in map(_row, await conn.fetch(_LOCK, wanted))}
         missing = [key for key in wanted if key not in found]
         if missing:
             # Created rows are locked by the insert; a racing creator waits on the unique
             # index until this transaction ends, then finds the row.
-            await conn.execute(_CREATE, *_columns(missing))
-            for record in await conn.fetch(_LOCK, *_columns(missing)):
+            await conn.execute(_CREATE, missing)
+            for record in await conn.fetch(_LOCK, missing):
                 row = _row(record)
                 found[row.key] = row
         return found
@@ -366,7 +349,7 @@ class StateStore:
         wanted = sorted(set(keys))
         if not wanted:
             return {}
-        records = await conn.fetch(_LOCK_SKIP, *_columns(wanted))
+        records = await conn.fetch(_LOCK_SKIP, wanted)
         return {row.key: row for row in map(_row, records)}
 
     async def lock_light(
@@ -379,7 +362,7 @@ class StateStore:
         missing = [subject_id for subject_id in wanted if subject_id not in found]
         if missing:
             await conn.execute(
-                _CREATE, [dataset] * len(missing), [int(kind)] * len(missing), missing
+                _CREATE, [(dataset, int(kind), subject_id) for subject_id in missing]
             )
             found.update(await self._lock_light(conn, dataset, kind, missing))
         return found
@@ -442,26 +425,26 @@ class StateStore:
             SELECT 0 AS part, m.dataset, m.kind, m.subject_id, m.segment_id AS name,
                    m.version AS number, {micros("m.join_time")} AS moment
             FROM segment_engine.memberships AS m
-            JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
+            JOIN unnest($1::segment_engine.subject_key[]) AS k
               ON m.dataset = k.dataset AND m.kind = k.kind AND m.subject_id = k.subject_id
             UNION ALL
             SELECT 1, t.dataset, t.kind, t.subject_id, t.target, NULL, {micros("t.due")}
             FROM segment_engine.timers AS t
-            JOIN unnest($1::text[], $2::smallint[], $3::text[]) AS k(dataset, kind, subject_id)
+            JOIN unnest($1::segment_engine.subject_key[]) AS k
               ON t.dataset = k.dataset AND t.kind = k.kind AND t.subject_id = k.subject_id
             UNION ALL
             SELECT 2, c.dataset, NULL, c.account_id, c.rollup_key, c.count, NULL
             FROM segment_engine.rollup_counts AS c
-            JOIN unnest($4::text[], $5::text[]) AS a(dataset, account_id)
+            JOIN unnest($2::text[], $3::text[]) AS a(dataset, account_id)
               ON c.dataset = a.dataset AND c.account_id = a.account_id
             UNION ALL
             SELECT 3, c.dataset, NULL, NULL, NULL, c.revision, NULL
-            FROM segment_engine.catalogs AS c WHERE c.dataset = ANY($6::text[])
+            FROM segment_engine.catalogs AS c WHERE c.dataset = ANY($4::text[])
             UNION ALL
             SELECT 4, h.dataset, NULL, NULL, NULL, h.bulk_generation, NULL
-            FROM segment_engine.log_heads AS h WHERE h.dataset = ANY($6::text[])
+            FROM segment_engine.log_heads AS h WHERE h.dataset = ANY($4::text[])
             """,
-            *_columns(keys),
+            keys,
             [key[0] for key in accounts],
             [key[2] for key in accounts],
             names,
@@ -543,13 +526,18 @@ class StateStore:
                     _HEAD_AND_LOG,
                     dataset,
                     len(entries),
-                    [int(c.kind) for c, _ in entries],
-                    [c.subject_id for c, _ in entries],
-                    [c.segment_id for c, _ in entries],
-                    [c.segment_version for c, _ in entries],
-                    [int(c.change) for c, _ in entries],
-                    [c.time for c, _ in entries],
-                    [reason for _, reason in entries],
+                    [
+                        (
+                            int(c.kind),
+                            c.subject_id,
+                            c.segment_id,
+                            c.segment_version,
+                            int(c.change),
+                            c.time,
+                            reason,
+                        )
+                        for c, reason in entries
+                    ],
                     batch.trace_parent,
                     bulk,
                 )
@@ -570,30 +558,15 @@ class StateStore:
             notify_payload(self.origin, dataset, ((c.kind, c.subject_id) for c, _ in entries))
             for dataset, entries in sorted(by_dataset.items())
         ]
-
-        def columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
-            return (
-                [list(column) for column in zip(*rows, strict=True)]
-                if rows
-                else [[] for _ in range(width)]
-            )
-
-        datasets, kinds, ids = _columns(w.key for w in writes)
         return [
-            datasets,
-            kinds,
-            ids,
-            [w.sequence for w in writes],
-            [w.view for w in writes],
-            [w.view_time for w in writes],
-            [w.account_id for w in writes],
-            # A text[] per row does not fit a 2-D array of uneven rows: sent as literals.
-            [_text_array(w.rollups) for w in writes],
-            [w.erased for w in writes],
-            *columns(batch.leaves, 3),
-            *columns(batch.joins, 6),
-            *columns(batch.timers_deleted, 4),
-            *columns(batch.timers_set, 5),
+            [
+                (*w.key, w.sequence, w.view, w.view_time, w.account_id, w.rollups, w.erased)
+                for w in writes
+            ],
+            batch.leaves,
+            batch.joins,
+            batch.timers_deleted,
+            batch.timers_set,
             [slot[0] for slot, _ in rollups],
             [slot[1] for slot, _ in rollups],
             [slot[2] for slot, _ in rollups],
@@ -685,9 +658,3 @@ def parse_notify_payload(payload: str) -> tuple[str, str, list[tuple[int, str]] 
         kind, _, subject_id = line.partition(":")
         members.append((int(kind), subject_id))
     return origin, dataset, members
-
-
-def _text_array(values: Sequence[str]) -> str:
-    """A Postgres array literal of strings, every element quoted and escaped."""
-    quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
-    return "{" + ",".join(quoted) + "}"

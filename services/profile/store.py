@@ -222,20 +222,17 @@ class ProfileStore:
         rows = await conn.fetch(
             "SELECT i.dataset, i.type, i.value, i.profile_id, p.known,"
             f" NULL::bytea AS identity_hash FROM {S}.identities i"
-            " JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(dataset, type, value)"
+            f" JOIN unnest($1::{S}.identity_key[]) AS k"
             " ON i.dataset = k.dataset AND i.type = k.type AND i.value = k.value"
             f" JOIN {S}.profiles p"
             " ON p.dataset = i.dataset AND p.kind = 'user' AND p.profile_id = i.profile_id"
             " UNION ALL"
             " SELECT e.dataset, NULL, NULL, NULL, NULL, e.identity_hash"
             f" FROM {S}.erased_identities e"
-            " JOIN unnest($4::text[], $5::bytea[]) AS h(dataset, identity_hash)"
+            f" JOIN unnest($2::{S}.erased_key[]) AS h"
             " ON e.dataset = h.dataset AND e.identity_hash = h.identity_hash",
-            [key[0] for key in unique],
-            [key[1] for key in unique],
-            [key[2] for key in unique],
-            [dataset for dataset, _ in hashes],
-            [digest for _, digest in hashes],
+            unique,
+            hashes,
         )
         owners: dict[IdentityKey, Owner] = {}
         erased: set[tuple[str, bytes]] = set()
@@ -323,12 +320,11 @@ class ProfileStore:
             return {}
         rows = await conn.fetch(
             f"SELECT p.dataset, p.profile_id, p.sequence, p.known FROM {S}.profiles p"
-            " JOIN unnest($2::text[], $3::text[]) AS k(dataset, profile_id)"
+            f" JOIN unnest($2::{S}.profile_key[]) AS k"
             " ON p.dataset = k.dataset AND p.profile_id = k.profile_id"
             " WHERE p.kind = $1 ORDER BY p.dataset, p.profile_id FOR UPDATE OF p",
             kind,
-            [key[0] for key in unique],
-            [key[1] for key in unique],
+            unique,
         )
         return {
             (row["dataset"], row["profile_id"]): (row["sequence"], row["known"]) for row in rows
@@ -348,10 +344,9 @@ class ProfileStore:
         document = ", p.aggregates" if aggregates else ""
         rows = await conn.fetch(
             f"SELECT p.dataset, p.profile_id, {_ROW_COLUMNS}{document} FROM {S}.profiles p"
-            " JOIN unnest($1::text[], $2::text[]) AS k(dataset, profile_id)"
+            f" JOIN unnest($1::{S}.profile_key[]) AS k"
             " ON p.dataset = k.dataset AND p.profile_id = k.profile_id WHERE p.kind = 'user'",
-            [key[0] for key in unique],
-            [key[1] for key in unique],
+            unique,
         )
         return {
             (row["dataset"], row["profile_id"]): profile_from_parts(
@@ -368,10 +363,9 @@ class ProfileStore:
             return {}
         rows = await conn.fetch(
             f"SELECT p.dataset, p.profile_id, {_ROW_COLUMNS} FROM {S}.profiles p"
-            " JOIN unnest($1::text[], $2::text[]) AS k(dataset, profile_id)"
+            f" JOIN unnest($1::{S}.profile_key[]) AS k"
             " ON p.dataset = k.dataset AND p.profile_id = k.profile_id WHERE p.kind = 'account'",
-            [key[0] for key in unique],
-            [key[1] for key in unique],
+            unique,
         )
         return {
             (row["dataset"], row["profile_id"]): account_from_row(

@@ -1,8 +1,11 @@
 """The profile service's tables (schema ``profile``, migrations in ``migrations/``).
 
-Statements that change many rows take whole columns as arrays and ``unnest`` them, so a
-batch costs one round trip per table rather than one per row. Methods that take a
-connection run inside the caller's transaction; the others open their own.
+Statements that change many rows take them as one array and ``unnest`` it, so a batch
+costs one round trip per table rather than one per row. The wide and frequent ones take
+an array of a composite type (migration 0007), one element per row: asyncpg checks each
+element of an array in Python, and a row of dozens of columns as arrays cost dozens.
+Methods that take a connection run inside the caller's transaction; the others open their
+own.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import AsyncIterator
 from importlib.resources import as_file, files
 from pathlib import Path
 
@@ -31,87 +32,78 @@ _ATTRIBUTES = (
 )
 
 
-async def test_the_migrated_schema_has_every_column_and_index_of_the_evaluation_schema(
-    fresh_postgres_dsn: str,
-) -> None:
+@pytest.fixture
+async def connection(fresh_postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to a database of its own, the profile service's migrations applied."""
     connection = await asyncpg.connect(fresh_postgres_dsn)
     try:
         await db.migrate(
             connection, schema="profile", migrations=files("services.profile") / "migrations"
         )
-        await connection.execute('CREATE SCHEMA "evaluation"')
-        await connection.execute(evaluation_schema_ddl("evaluation"))
-        wanted = {tuple(row) for row in await connection.fetch(_COLUMNS, "evaluation")}
-        found = {tuple(row) for row in await connection.fetch(_COLUMNS, "profile")}
-        assert wanted <= found
-        assert {row[0] for row in wanted} == {"profiles"}
-        indexes = {
-            row["indexname"]: row["indexdef"].replace("evaluation.", "profile.")
-            for row in await connection.fetch(_INDEXES, "evaluation")
-        }
-        migrated = {
-            row["indexname"]: row["indexdef"] for row in await connection.fetch(_INDEXES, "profile")
-        }
-        assert {name: migrated.get(name) for name in indexes} == indexes
+        yield connection
     finally:
         await connection.close()
+
+
+async def test_the_migrated_schema_has_every_column_and_index_of_the_evaluation_schema(
+    connection: asyncpg.Connection,
+) -> None:
+    await connection.execute('CREATE SCHEMA "evaluation"')
+    await connection.execute(evaluation_schema_ddl("evaluation"))
+    wanted = {tuple(row) for row in await connection.fetch(_COLUMNS, "evaluation")}
+    found = {tuple(row) for row in await connection.fetch(_COLUMNS, "profile")}
+    assert wanted <= found
+    assert {row[0] for row in wanted} == {"profiles"}
+    indexes = {
+        row["indexname"]: row["indexdef"].replace("evaluation.", "profile.")
+        for row in await connection.fetch(_INDEXES, "evaluation")
+    }
+    migrated = {
+        row["indexname"]: row["indexdef"] for row in await connection.fetch(_INDEXES, "profile")
+    }
+    assert {name: migrated.get(name) for name in indexes} == indexes
 
 
 async def test_the_row_types_of_the_bulk_writes_are_the_rows_the_store_builds(
-    fresh_postgres_dsn: str,
+    connection: asyncpg.Connection,
 ) -> None:
-    connection = await asyncpg.connect(fresh_postgres_dsn)
-    try:
-        await db.migrate(
-            connection, schema="profile", migrations=files("services.profile") / "migrations"
-        )
-        names = [name for name, _ in PROFILE_ROW]
-        types = await connection.fetchval(
-            "SELECT array_agg(format_type(t::regtype, NULL) ORDER BY n)"
-            " FROM unnest($1::text[]) WITH ORDINALITY AS u(t, n)",
-            [kind for _, kind in PROFILE_ROW],
-        )
-        profile_row = await connection.fetch(_ATTRIBUTES, "profile.profile_row")
-        assert [tuple(row) for row in profile_row] == list(zip(names, types, strict=True))
-        # An event row is inserted into the history as it is: the same columns, same types.
-        event_row = await connection.fetch(_ATTRIBUTES, "profile.event_row")
-        events = {
-            row["attname"]: tuple(row)
-            for row in await connection.fetch(_ATTRIBUTES, "profile.events")
-        }
-        assert [tuple(row) for row in event_row] == [events[name] for name in EventRow._fields]
-    finally:
-        await connection.close()
+    names = [name for name, _ in PROFILE_ROW]
+    types = await connection.fetchval(
+        "SELECT array_agg(format_type(t::regtype, NULL) ORDER BY n)"
+        " FROM unnest($1::text[]) WITH ORDINALITY AS u(t, n)",
+        [kind for _, kind in PROFILE_ROW],
+    )
+    profile_row = await connection.fetch(_ATTRIBUTES, "profile.profile_row")
+    assert [tuple(row) for row in profile_row] == list(zip(names, types, strict=True))
+    # An event row is inserted into the history as it is: the same columns, same types.
+    event_row = await connection.fetch(_ATTRIBUTES, "profile.event_row")
+    events = {
+        row["attname"]: tuple(row) for row in await connection.fetch(_ATTRIBUTES, "profile.events")
+    }
+    assert [tuple(row) for row in event_row] == [events[name] for name in EventRow._fields]
 
 
 async def test_the_aggregates_document_is_compressed_with_lz4_where_the_server_has_it(
-    fresh_postgres_dsn: str,
+    connection: asyncpg.Connection,
 ) -> None:
-    connection = await asyncpg.connect(fresh_postgres_dsn)
-    try:
-        await db.migrate(
-            connection, schema="profile", migrations=files("services.profile") / "migrations"
-        )
-        offered = await connection.fetchval(
-            "SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'"
-        )
-        method = await connection.fetchval(
-            "SELECT attcompression::text FROM pg_attribute"
-            " WHERE attrelid = 'profile.profiles'::regclass AND attname = 'aggregates'"
-        )
-        # '' is the server's default (pglz unless configured otherwise), 'l' is lz4.
-        assert method == ("l" if "lz4" in offered else "")
-        await connection.execute(
-            "INSERT INTO profile.profiles (dataset, kind, profile_id, aggregates)"
-            " VALUES ('d', 'user', 'u1', $1::jsonb)",
-            json.dumps({f"agg_{n}": [[n, 1, 0.0, None, None, n, n]] for n in range(500)}),
-        )
-        written = await connection.fetchval(
-            "SELECT pg_column_compression(aggregates) FROM profile.profiles"
-        )
-        assert written == ("lz4" if "lz4" in offered else "pglz")
-    finally:
-        await connection.close()
+    offered = await connection.fetchval(
+        "SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'"
+    )
+    method = await connection.fetchval(
+        "SELECT attcompression::text FROM pg_attribute"
+        " WHERE attrelid = 'profile.profiles'::regclass AND attname = 'aggregates'"
+    )
+    # '' is the server's default (pglz unless configured otherwise), 'l' is lz4.
+    assert method == ("l" if "lz4" in offered else "")
+    await connection.execute(
+        "INSERT INTO profile.profiles (dataset, kind, profile_id, aggregates)"
+        " VALUES ('d', 'user', 'u1', $1::jsonb)",
+        json.dumps({f"agg_{n}": [[n, 1, 0.0, None, None, n, n]] for n in range(500)}),
+    )
+    written = await connection.fetchval(
+        "SELECT pg_column_compression(aggregates) FROM profile.profiles"
+    )
+    assert written == ("lz4" if "lz4" in offered else "pglz")
 
 
 async def test_buckets_of_the_first_schema_move_into_the_aggregates_document(

@@ -210,7 +210,7 @@ class WriteBatch:
     """Everything one transaction writes after evaluating a set of subjects."""
 
     subjects: list[SubjectWrite] = field(default_factory=list)
-    # The tuples below are rows of the types the statements take (migration 0004).
+    # Joins, leaves and timers are rows of the types the write takes (migration 0004).
     # (dataset, segment id, subject id, kind, version, join time): a membership_row
     joins: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
     # Joins known to be new rows (checked under the subject's lock): copied in bulk.
